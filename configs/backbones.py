@@ -1,0 +1,147 @@
+"""Named encoder and LLM presets: plain dicts of module fields, used as `dict(name=..., **preset)`.
+
+World presets are what the no-download default pretrains; the others are the shapes of real checkpoints
+(for `size=paper` and for importers).
+"""
+
+WORLD_VOCAB_SIZE = 1024  # the world tokenizer's word-level vocabulary fits (checked at train time)
+
+VIT_PRESETS = {
+    "world_tiny": dict(image_size=64, patch_size=16, width=32, depth=1, num_heads=2, mlp_dim=64),
+    "world_default": dict(
+        image_size=64, patch_size=8, width=128, depth=4, num_heads=4, mlp_dim=512
+    ),
+    # CLIP ViT-L/14 at 336 px, as LLaVA-1.5 uses it.
+    "clip_l14_336": dict(
+        image_size=336,
+        patch_size=14,
+        width=1024,
+        depth=24,
+        num_heads=16,
+        mlp_dim=4096,
+        activation="quick_gelu",
+        norm_eps=1e-5,
+    ),
+    # CLIP ViT-L/14 at 224 px (LLaVA, BLIP-2 ViT-L).
+    "clip_l14": dict(
+        image_size=224,
+        patch_size=14,
+        width=1024,
+        depth=24,
+        num_heads=16,
+        mlp_dim=4096,
+        activation="quick_gelu",
+        norm_eps=1e-5,
+    ),
+}
+
+# Defaults shared by every ViT preset (CLIP-style: class token, pre-LayerNorm).
+VIT_DEFAULTS = dict(
+    activation="gelu",
+    class_token=True,
+    pre_norm=True,
+    post_norm=True,
+    pool="cls",
+    norm_eps=1e-5,
+    feature_layer=-1,
+    scan_layers=True,
+    remat="none",
+)
+
+LLAMA_PRESETS = {
+    "world_tiny": dict(
+        vocab_size=WORLD_VOCAB_SIZE,
+        dim=32,
+        depth=1,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=16,
+        mlp_dim=64,
+    ),
+    "world_default": dict(
+        vocab_size=WORLD_VOCAB_SIZE,
+        dim=128,
+        depth=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        mlp_dim=384,
+    ),
+    # Text towers of the CLIP-style dual encoder.
+    "world_text_tiny": dict(
+        vocab_size=WORLD_VOCAB_SIZE,
+        dim=32,
+        depth=1,
+        num_heads=2,
+        num_kv_heads=2,
+        head_dim=16,
+        mlp_dim=64,
+    ),
+    "world_text_default": dict(
+        vocab_size=WORLD_VOCAB_SIZE,
+        dim=128,
+        depth=2,
+        num_heads=4,
+        num_kv_heads=4,
+        head_dim=32,
+        mlp_dim=384,
+    ),
+    "clip_text_l14": dict(
+        vocab_size=49408,
+        dim=768,
+        depth=12,
+        num_heads=12,
+        num_kv_heads=12,
+        head_dim=64,
+        mlp_dim=3072,
+    ),
+    "smollm2_135m": dict(
+        vocab_size=49152,
+        dim=576,
+        depth=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        mlp_dim=1536,
+        tie_embeddings=True,
+        rope_theta=100000.0,
+    ),
+    "vicuna_7b": dict(
+        vocab_size=32000,
+        dim=4096,
+        depth=32,
+        num_heads=32,
+        num_kv_heads=32,
+        head_dim=128,
+        mlp_dim=11008,
+        tie_embeddings=False,
+        rms_norm_eps=1e-6,
+    ),
+}
+
+LLAMA_DEFAULTS = dict(
+    hidden_act="silu",
+    tie_embeddings=True,
+    attention_bias=False,
+    qkv_bias=False,
+    mlp_bias=False,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    num_added_embeddings=0,
+    scan_layers=True,
+    remat="none",
+)
+
+
+def vit(preset: str) -> dict:
+    if preset not in VIT_PRESETS:
+        raise ValueError(f"unknown ViT preset {preset!r}; known: {', '.join(sorted(VIT_PRESETS))}")
+    return {**VIT_DEFAULTS, **VIT_PRESETS[preset]}
+
+
+def llama(preset: str) -> dict:
+    if preset not in LLAMA_PRESETS:
+        raise ValueError(
+            f"unknown Llama preset {preset!r}; known: {', '.join(sorted(LLAMA_PRESETS))}"
+        )
+    return {**LLAMA_DEFAULTS, **LLAMA_PRESETS[preset]}

@@ -1,0 +1,73 @@
+"""Self-pretrained backbones of the synthetic world: the CLIP-style ViT and the world LM.
+
+    python -m jaxvlm.train --config=configs/backbones_pretrain.py:model=vit --workdir=runs/world_vit
+    python -m jaxvlm.train --config=configs/backbones_pretrain.py:model=lm --workdir=runs/world_lm
+
+`model=vit` trains a dual encoder (ViT + small text tower, symmetric InfoNCE on captions) and reports
+zero-shot retrieval R@1/5/10 on `test`; `model=lm` trains the Llama LM on the world's text only (captions,
+QA, instructions: it never sees an image) and reports perplexity. Both train only on training splits, so no
+held-out composition is ever seen. Later recipes freeze these and reuse them from the cache.
+`size=paper` gives the shapes of CLIP ViT-L/14-336 and Vicuna-7B (built with jax.eval_shape, never run).
+"""
+
+from jaxvlm import config_utils
+
+common = config_utils.load_sibling(__file__, "common")
+backbones = config_utils.load_sibling(__file__, "backbones")
+
+
+def get_config(arg=None):
+    arg = config_utils.parse_arg(arg, model="vit", size="default")
+    if arg.model not in ("vit", "lm"):
+        raise config_utils.ConfigError(f"config argument model={arg.model!r}; allowed: vit, lm")
+    config = common.base_config()
+    config.data.world = common.world(arg.size)
+    steps = {"tiny": 4, "default": 0, "paper": 100000}[arg.size]
+    config.trainable = (".*",)
+
+    if arg.model == "vit":
+        preset = {"tiny": "world_tiny", "default": "world_default", "paper": "clip_l14_336"}
+        text = {
+            "tiny": "world_text_tiny",
+            "default": "world_text_default",
+            "paper": "clip_text_l14",
+        }
+        config.model = "dual_encoder"
+        config.objective = "contrastive"
+        config.encoder = dict(name="vit", checkpoint="", **backbones.vit(preset[arg.size]))
+        config.text_encoder = dict(name="llama", checkpoint="", **backbones.llama(text[arg.size]))
+        config.contrastive.projection_dim = {"tiny": 32, "default": 128, "paper": 768}[arg.size]
+        config.data.task = "captions"
+        config.data.batch_size = {"tiny": 16, "default": 128, "paper": 32768}[arg.size]
+        config.data.max_text_len = {"tiny": 24, "default": 32, "paper": 77}[arg.size]
+        config.optimizer.learning_rate = 1e-3
+        config.optimizer.weight_decay = 0.1  # CLIP
+        config.optimizer.b2 = 0.98  # CLIP
+        config.optimizer.eps = 1e-6
+        config.train.num_steps = steps or 800
+        config.evals.retrieval = dict(type="retrieval", split="test", every_steps=0, batch_size=256)
+    else:
+        preset = {"tiny": "world_tiny", "default": "world_default", "paper": "vicuna_7b"}
+        config.model = "lm"
+        config.objective = "lm"
+        config.llm = dict(name="llama", checkpoint="", **backbones.llama(preset[arg.size]))
+        config.data.task = "text"
+        config.data.split = ("train", "clips_train")  # clip texts carry the motion words
+        config.data.batch_size = {"tiny": 16, "default": 64, "paper": 1024}[arg.size]
+        config.data.max_text_len = {"tiny": 32, "default": 64, "paper": 2048}[arg.size]
+        config.optimizer.learning_rate = 3e-3 if arg.size != "paper" else 3e-4
+        config.optimizer.b2 = 0.95
+        config.optimizer.weight_decay = 0.1
+        config.train.num_steps = steps or 1000
+        config.evals.perplexity = dict(
+            type="perplexity", split="validation", every_steps=0, batch_size=128
+        )
+
+    if arg.size == "paper":
+        config.preprocessing = common.preprocessing(336)
+        config.optimizer.warmup_steps = 2000
+    else:
+        config.optimizer.warmup_steps = min(100, config.train.num_steps // 10)
+    config.train.checkpoint_every = config.train.num_steps
+    config.train.log_every = max(1, min(50, config.train.num_steps // 10))
+    return config

@@ -1,0 +1,93 @@
+"""Data: the synthetic world (tfds array_record), tokenizer, image preprocessing, grain pipelines.
+
+`python -m jaxvlm.data.world` builds a world from the command line (`world.py` is the entry
+point; the package does not import it, so running it as `__main__` loads it only once).
+"""
+
+from jaxvlm.data.builder import JaxvlmWorld, decode_record
+from jaxvlm.data.grammar import grammar_words
+from jaxvlm.data.pipeline import (
+    TASKS,
+    RetrievalSet,
+    TrainIterator,
+    batches,
+    eval_texts,
+    make_train_iterator,
+    retrieval_pairs,
+    retrieval_set,
+)
+from jaxvlm.data.preprocessing import ImagePreprocessing, load_image
+from jaxvlm.data.sources import RecordSource, TextSource, text_source
+from jaxvlm.data.storage import World, build_world, load_world, open_world, write_world
+from jaxvlm.data.tokenizer import WORLD_SPECIAL_TOKENS, Tokenizer, world_tokenizer
+from jaxvlm.data.transforms import (
+    AddLossMask,
+    NormalizeImage,
+    PadTokens,
+    PickCaption,
+    SelectKeys,
+    TokenizeText,
+)
+from jaxvlm.data.vocabulary import (
+    BACKGROUNDS,
+    COLOURS,
+    DIRECTIONS,
+    NUMBER_WORDS,
+    POSITIONS,
+    QUESTION_TYPES,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+)
+from jaxvlm.data.world_config import (
+    CLIP_SPLITS,
+    SCENE_SPLITS,
+    TRAINING_SPLITS,
+    WorldConfig,
+)
+
+__all__ = [
+    "BACKGROUNDS",
+    "CLIP_SPLITS",
+    "COLOURS",
+    "DIRECTIONS",
+    "NUMBER_WORDS",
+    "POSITIONS",
+    "QUESTION_TYPES",
+    "RELATIONS",
+    "SCENE_SPLITS",
+    "SHAPES",
+    "SIZES",
+    "TASKS",
+    "TRAINING_SPLITS",
+    "WORLD_SPECIAL_TOKENS",
+    "AddLossMask",
+    "ImagePreprocessing",
+    "JaxvlmWorld",
+    "NormalizeImage",
+    "PadTokens",
+    "PickCaption",
+    "RecordSource",
+    "SelectKeys",
+    "TextSource",
+    "TokenizeText",
+    "Tokenizer",
+    "TrainIterator",
+    "World",
+    "WorldConfig",
+    "batches",
+    "build_world",
+    "decode_record",
+    "eval_texts",
+    "retrieval_set",
+    "RetrievalSet",
+    "grammar_words",
+    "load_image",
+    "load_world",
+    "make_train_iterator",
+    "open_world",
+    "retrieval_pairs",
+    "text_source",
+    "world_tokenizer",
+    "write_world",
+]

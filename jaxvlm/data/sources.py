@@ -1,0 +1,164 @@
+"""Random-access sources over a world's records, with corrupt records counted and skipped.
+
+A `RecordSource` reads every record of a split once when it is made, keeps the indices of those
+that parse, and logs how many did not; evaluators and training then see only whole records, and
+the count is known in the main process even when grain workers do the reading later.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from jaxvlm.data.builder import decode_record
+
+Parser = Callable[[dict], dict]
+
+
+def _check_image(image, image_size: int) -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.shape != (image_size, image_size, 3):
+        raise ValueError(
+            f"image is {image.dtype}{list(image.shape)}, expected uint8[{image_size}, "
+            f"{image_size}, 3]"
+        )
+    return image
+
+
+def _check_texts(texts, field: str) -> list[str]:
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"{field} is not a non-empty list of strings")
+    return texts
+
+
+def caption_parser(image_size: int) -> Parser:
+    """Parses a scene record into {"image": uint8[S, S, 3], "captions": [str], "caption": str}."""
+
+    def parse(record: dict) -> dict:
+        decoded = decode_record(record)
+        return {
+            "image": _check_image(decoded["image"], image_size),
+            "captions": _check_texts(decoded["captions"], "captions"),
+            "caption": _check_texts([decoded["caption"]], "caption")[0],
+        }
+
+    return parse
+
+
+def _strip_image(text: str) -> str:
+    return text.replace("<image>", " ").strip()
+
+
+def record_texts(record: dict) -> list[str]:
+    """A record's text-only LM examples: captions, "question? answer" pairs, instruction turns.
+
+    Each conversation turn pair becomes one text ("What color is the circle? The circle is red."),
+    with the "<image>" placeholder removed; a detailed description is its prompt and paragraph.
+    """
+    decoded = decode_record(record)
+    found = list(_check_texts(decoded["captions"], "captions"))
+    for question in decoded["questions"]:
+        found.append(f"{question['question']} {question['multiple_choice_answer']}")
+    for sample in decoded.get("instructions", []):
+        turns = sample["conversations"]
+        for human, gpt in zip(turns[::2], turns[1::2], strict=True):
+            found.append(f"{_strip_image(human['value'])} {gpt['value']}")
+    if not all(isinstance(text, str) and text.strip() for text in found):
+        raise ValueError("record holds an empty or non-string text")
+    return found
+
+
+class RecordSource:
+    """The parseable records of a data source, parsed on access.
+
+    Attributes:
+      num_records: records in the underlying source.
+      num_skipped: records that failed to parse and are never returned.
+      skipped_indices: their indices in the underlying source.
+    """
+
+    def __init__(self, data_source: Sequence, parse: Parser, *, name: str):
+        self._data_source = data_source
+        self._parse = parse
+        self.name = name
+        valid, skipped, first_error = [], [], None
+        for index in range(len(data_source)):
+            try:
+                parse(data_source[index])
+            except Exception as error:  # any decode failure marks the record corrupt
+                skipped.append(index)
+                first_error = first_error or f"{type(error).__name__}: {error}"
+                continue
+            valid.append(index)
+        self._valid = np.asarray(valid, np.int64)
+        self.num_records = len(data_source)
+        self.num_skipped = len(skipped)
+        self.skipped_indices = skipped
+        if skipped:
+            logging.warning(
+                "%s: skipped %d of %d corrupt records (first: %s)",
+                name,
+                len(skipped),
+                self.num_records,
+                first_error,
+            )
+        if not valid:
+            raise ValueError(f"{name}: none of {self.num_records} records could be read")
+
+    def __len__(self) -> int:
+        return len(self._valid)
+
+    def __getitem__(self, index: int) -> dict:
+        return self._parse(self._data_source[int(self._valid[index])])
+
+    def __repr__(self) -> str:
+        return f"RecordSource({self.name}, {len(self)} records, {self.num_skipped} skipped)"
+
+
+class TextSource:
+    """An in-memory list of texts as a source of {"text": str}.
+
+    Attributes:
+      num_skipped: records whose texts could not be read while building the list.
+    """
+
+    def __init__(self, texts: list[str], *, name: str, num_skipped: int = 0):
+        if not texts:
+            raise ValueError(f"{name}: no texts")
+        self._texts = texts
+        self.name = name
+        self.num_skipped = num_skipped
+
+    def __len__(self) -> int:
+        return len(self._texts)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"text": self._texts[int(index)]}
+
+    def __repr__(self) -> str:
+        return f"TextSource({self.name}, {len(self)} texts, {self.num_skipped} records skipped)"
+
+
+def text_source(world, splits: str | Sequence[str]) -> TextSource:
+    """Every text of `splits` (one split name or several), in record order; never images.
+
+    Use the training splits ("train", "clips_train") for LM pretraining: they hold no held-out
+    composition.
+    """
+    splits = (splits,) if isinstance(splits, str) else tuple(splits)
+    texts: list[str] = []
+    skipped = 0
+    for split in splits:
+        data_source = world.as_data_source(split)
+        first_error = None
+        for index in range(len(data_source)):
+            try:
+                texts.extend(record_texts(data_source[index]))
+            except Exception as error:  # any decode failure marks the record corrupt
+                skipped += 1
+                first_error = first_error or f"{type(error).__name__}: {error}"
+        if first_error:
+            logging.warning("texts/%s: skipped corrupt records (first: %s)", split, first_error)
+    return TextSource(texts, name=f"texts/{'+'.join(splits)}", num_skipped=skipped)

@@ -1,0 +1,242 @@
+"""Building the train state: abstract shapes → shardings → load what exists → initialise the rest.
+
+Order (STYLE.md §7): `jax.eval_shape` gives the abstract params with their logical names, hence the
+shardings; pretrained parameters (`config.init_from`, components' `checkpoint`) are loaded straight into
+those shardings; a jitted init with `out_shardings` computes **only** the missing leaves (XLA drops the
+rest), so frozen weights are never materialised twice. A workdir that already holds a checkpoint resumes
+from it: the saved (trainable or full) parameters, optimizer state, RNG, step and data-iterator state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxvlm import cache, checkpoint, config_utils, models, optim, sharding
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class StateSetup:
+    state: Any  # TrainState
+    tx: Any
+    trainable_mask: Any
+    shardings: Any  # TrainState of NamedShardings
+    data_state: dict | None
+    manifest: dict
+
+
+def _train_state_class():
+    from jaxvlm.train import TrainState  # local: train imports this module
+
+    return TrainState
+
+
+def abstract_params(config, model, mesh):
+    """(abstract params, their shardings); no array is allocated."""
+    boxed = jax.eval_shape(models.init_fn(model, config), jax.random.key(0))
+    return nn.unbox(boxed), sharding.tree_shardings(boxed, mesh), boxed
+
+
+def setup_state(
+    config: ml_collections.ConfigDict,
+    model,
+    mesh,
+    workdir: Path,
+    cache_dir: Path,
+    *,
+    step: int | None = None,
+) -> StateSetup:
+    """The state to train or evaluate: restored from `workdir`'s checkpoint `step` (default the
+    latest) when one exists, else freshly built."""
+    TrainState = _train_state_class()
+    params_shape, params_sharding, boxed = abstract_params(config, model, mesh)
+    mask = optim.trainable_mask(params_shape, config.trainable)
+    tx = optim.build_optimizer(config, params_shape, mask)
+    # Optimizer moments inherit their parameter's logical names (optax maps over the boxed leaves).
+    opt_boxed = jax.eval_shape(tx.init, boxed)
+    opt_sharding = sharding.tree_shardings(opt_boxed, mesh)
+    replicated = sharding.replicated(mesh)
+    shardings = TrainState(
+        step=replicated, params=params_sharding, opt_state=opt_sharding, rng=replicated
+    )
+    manifest = frozen_manifest(config, cache_dir)
+
+    checkpointer = checkpoint.Checkpointer(workdir, async_save=False)
+    try:
+        latest = checkpointer.latest_step() if step is None else step
+        if latest is not None:
+            checkpoint.check_compatible(
+                checkpointer.read_config(latest),
+                config_utils.to_dict(config),
+                config_utils.model_shape_keys(config),
+            )
+            checkpoint.verify_manifest(
+                checkpointer.read_manifest(latest), hash_cache_path=cache.hash_cache_path(cache_dir)
+            )
+    finally:
+        checkpointer.close()
+
+    params = initial_params(config, model, mesh, params_shape, params_sharding)
+    if latest is None:
+        opt_state = jax.jit(tx.init, out_shardings=opt_sharding)(params)
+        rng = jax.device_put(jax.random.key_data(jax.random.key(config.train.seed)), replicated)
+        state = TrainState(
+            step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+            params=params,
+            opt_state=opt_state,
+            rng=rng,
+        )
+        return StateSetup(state, tx, mask, shardings, None, manifest)
+
+    abstract_opt = nn.unbox(opt_boxed)
+    state, data_state = restore_state(
+        config, workdir, latest, params, params_shape, mask, abstract_opt, shardings
+    )
+    logger.info("resumed from %s at step %d", workdir, latest)
+    return StateSetup(state, tx, mask, shardings, data_state, manifest)
+
+
+def initial_params(config, model, mesh, params_shape, params_sharding):
+    """Pretrained leaves loaded into their shardings; only the missing ones initialised (jitted)."""
+    loaded = load_pretrained(config, params_shape)
+    flat_shape = checkpoint.flatten_params(params_shape)
+    flat_sharding = checkpoint.flatten_params(params_sharding)
+    missing = [k for k in flat_shape if k not in loaded]
+    init = models.init_fn(model, config)
+
+    def init_missing(rng):
+        flat = checkpoint.flatten_params(nn.unbox(init(rng)))
+        return {k: flat[k] for k in missing}
+
+    rng = jax.random.key(config.train.seed)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        fresh = jax.jit(init_missing, out_shardings={k: flat_sharding[k] for k in missing})(rng)
+    for key, value in loaded.items():
+        target = flat_shape[key]
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(
+                f"pretrained parameter {key} has shape {tuple(value.shape)}, the model expects "
+                f"{tuple(target.shape)}"
+            )
+        fresh[key] = jax.device_put(np.asarray(value).astype(target.dtype), flat_sharding[key])
+    if missing and loaded:
+        logger.info("initialised %d parameter arrays, loaded %d", len(missing), len(loaded))
+    return checkpoint.unflatten_params(fresh)
+
+
+def load_pretrained(config, params_shape) -> dict[str, np.ndarray]:
+    """Flat `{path: array}` from `config.init_from` and every component's `checkpoint` field."""
+    flat_shape = checkpoint.flatten_params(params_shape)
+    loaded: dict[str, np.ndarray] = {}
+    for component in config_utils.MODEL_COMPONENTS:
+        if component in config and "checkpoint" in config[component]:
+            source = config[component].checkpoint
+            if source:
+                params = checkpoint.read_params(source)
+                prefix = f"{component}/"
+                taken = {k: v for k, v in params.items() if k.startswith(prefix)}
+                if not taken:
+                    raise ValueError(
+                        f"config.{component}.checkpoint={source} holds no parameters under {prefix}"
+                    )
+                loaded.update(taken)
+    if config.init_from:
+        params = checkpoint.read_params(config.init_from)
+        matching = {k: v for k, v in params.items() if k in flat_shape}
+        if not matching:
+            raise ValueError(
+                f"config.init_from={config.init_from} shares no parameter path with this model"
+            )
+        loaded.update(matching)
+    unknown = sorted(set(loaded) - set(flat_shape))
+    if unknown:
+        raise ValueError(f"pretrained parameters not in the model: {unknown[:10]}")
+    return loaded
+
+
+def frozen_manifest(config, cache_dir: Path) -> dict:
+    """The manifest of pretrained sources this run depends on (INTERFACES.md §2)."""
+    sources = {}
+    for component in config_utils.MODEL_COMPONENTS:
+        if component in config and "checkpoint" in config[component]:
+            if config[component].checkpoint:
+                sources[component] = checkpoint.source_entry(
+                    config[component].checkpoint, hash_cache_path=cache.hash_cache_path(cache_dir)
+                )
+    if config.init_from:
+        sources["init_from"] = checkpoint.source_entry(
+            config.init_from, hash_cache_path=cache.hash_cache_path(cache_dir)
+        )
+    return checkpoint.make_manifest(sources)
+
+
+def saved_state(state, mask, full_state: bool) -> dict:
+    """What a checkpoint holds: trainable (or all) params, optimizer state, rng and step."""
+    params = state.params if full_state else checkpoint.split_params(state.params, mask)[0]
+    return {
+        "step": state.step,
+        "rng": state.rng,
+        "params": checkpoint.flatten_params(params) if full_state else params,
+        "opt_state": state.opt_state,
+    }
+
+
+def restore_state(config, workdir, step, params, params_shape, mask, abstract_opt, shardings):
+    TrainState = _train_state_class()
+    full = config.train.save_full_state
+    abstract = saved_state(
+        TrainState(
+            step=jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings.step),
+            params=_with_shardings(params_shape, shardings.params),
+            opt_state=_with_shardings(abstract_opt, shardings.opt_state),
+            rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=shardings.rng),
+        ),
+        mask,
+        full,
+    )
+    with checkpoint.Checkpointer(workdir, async_save=False) as checkpointer:
+        restored = checkpointer.restore(step, abstract_state=abstract)
+    saved = restored.state
+    if full:
+        merged = checkpoint.unflatten_params(saved["params"])
+    else:
+        merged = checkpoint.merge_params(saved["params"], checkpoint.split_params(params, mask)[1])
+    state = TrainState(
+        step=saved["step"], params=merged, opt_state=saved["opt_state"], rng=saved["rng"]
+    )
+    return state, restored.data_iter
+
+
+def _with_shardings(shapes, shardings_tree):
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings_tree
+    )
+
+
+def save_checkpoint(checkpointer, state, iterator, config, setup: StateSetup) -> None:
+    checkpointer.save(
+        int(state.step),
+        state=saved_state(state, setup.trainable_mask, config.train.save_full_state),
+        data_iter=iterator.get_state(),
+        config=config_utils.to_dict(config),
+        manifest=setup.manifest,
+    )
+
+
+def write_run_files(workdir: Path, config, tokenizer, preprocessing) -> None:
+    """`config.json`, `tokenizer.json`, `preprocessing.json` (INTERFACES.md §2)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(config_utils.to_dict(config), indent=2))
+    tokenizer.save(workdir / "tokenizer.json")
+    preprocessing.save(workdir / "preprocessing.json")

@@ -1,0 +1,79 @@
+"""The feed-forward block: `fc1 → act → fc2`, or gated `down(act(gate(x)) * up(x))`.
+
+Activation names follow the HF `hidden_act` vocabulary where one exists:
+`gelu` (exact erf), `gelu_tanh` (HF `gelu_pytorch_tanh` / `gelu_new`), `quick_gelu` (CLIP:
+`x·σ(1.702x)`), `relu`, `squared_relu` (Flamingo, Primer), `silu`. Gated variants (Shazeer 2020,
+"GLU Variants Improve Transformer") are `gated=True`: SwiGLU = `activation="silu", gated=True`
+(Llama's `gate_proj`/`up_proj`/`down_proj`), GeGLU = `activation="gelu"` or `"gelu_tanh"`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+__all__ = ["ACTIVATIONS", "Mlp"]
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "squared_relu": lambda x: jnp.square(jax.nn.relu(x)),
+    "silu": jax.nn.silu,
+}
+
+
+def _dense(features, names, use_bias, dtype, param_dtype, name):
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]),
+        name=name,
+    )
+
+
+class Mlp(nn.Module):
+    """Position-wise feed-forward network.
+
+    Submodules: `fc1`, `fc2` (plain) or `gate_proj`, `up_proj`, `down_proj` (gated), as in the HF
+    CLIP/OPT and Llama checkpoints.
+
+    Args of `__call__`: x: float[..., D]. Returns float[..., out_dim or D] in `dtype`.
+    """
+
+    hidden_dim: int
+    out_dim: int | None = None
+    activation: str = "gelu"
+    gated: bool = False
+    use_bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"Mlp.activation={self.activation!r} is unknown; known: {sorted(ACTIVATIONS)}"
+            )
+        act = ACTIVATIONS[self.activation]
+        out_dim = self.out_dim or x.shape[-1]
+        dense = lambda features, names, name: _dense(
+            features, names, self.use_bias, self.dtype, self.param_dtype, name
+        )
+        if self.gated:
+            gate = dense(self.hidden_dim, ("embed", "mlp"), "gate_proj")(x)
+            up = dense(self.hidden_dim, ("embed", "mlp"), "up_proj")(x)
+            h = act(gate) * up
+            down_name = "down_proj"
+        else:
+            h = act(dense(self.hidden_dim, ("embed", "mlp"), "fc1")(x))
+            down_name = "fc2"
+        h = nn.with_logical_constraint(h, ("batch", "length", "mlp")) if h.ndim == 3 else h
+        return dense(out_dim, ("mlp", "embed"), down_name)(h)

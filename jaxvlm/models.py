@@ -1,0 +1,163 @@
+"""The `MODELS` table: what a job trains, built from the config by one explicit factory.
+
+- `lm`: a decoder-only language model; parameters under `llm/` (as in a VLM, so a pretrained LM drops in).
+- `dual_encoder`: CLIP-style image tower + text tower with projections and a learned temperature;
+  the image tower's parameters live under `encoder/` (as in a VLM, so the pretrained ViT drops in).
+
+Later recipes add `vlm` (encoder → bridge → LLM) to the same table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxvlm import config_utils
+from jaxvlm.encoders import build_encoder
+from jaxvlm.llms import build_llm
+
+
+class LanguageModel(nn.Module):
+    """A decoder-only LM: `tokens int[B, T]` → `DecoderOutput(logits float[B, T, V], ...)`."""
+
+    llm: nn.Module
+
+    def __call__(self, tokens, *, mask=None, positions=None):
+        return self.llm(tokens, positions=positions, kv_mask=mask)
+
+
+class DualEncoder(nn.Module):
+    """CLIP (Radford et al., 2021): image and text embeddings in one space, L2-normalised.
+
+    The text tower is a causal Llama stack read at the last real token (CLIP reads its EOS token).
+    """
+
+    encoder: nn.Module
+    text_encoder: nn.Module
+    projection_dim: int
+    temperature_init: float = 0.07
+    learn_temperature: bool = True
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        dense = lambda name: nn.Dense(
+            self.projection_dim,
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(), ("embed", "mlp")
+            ),
+            name=name,
+        )
+        self.image_projection = dense("image_projection")
+        self.text_projection = dense("text_projection")
+        # CLIP's learned temperature, stored as log(1/τ).
+        init = nn.initializers.constant(np.log(1.0 / self.temperature_init))
+        self.log_inverse_temperature = self.param(
+            "log_inverse_temperature", nn.with_logical_partitioning(init, ()), (), self.param_dtype
+        )
+
+    def embed_image(self, images):
+        """`images float[B, H, W, 3]` → `float[B, E]`, unit norm."""
+        pooled = self.encoder(images).pooled
+        return _normalize(self.image_projection(pooled))
+
+    def embed_text(self, tokens, mask):
+        """`tokens int[B, T]`, `mask int[B, T]` (1 = real) → `float[B, E]`, unit norm."""
+        hidden = self.text_encoder(tokens, kv_mask=mask, return_hidden=True).hidden
+        last = jnp.maximum(jnp.sum(mask, axis=-1) - 1, 0)
+        pooled = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+        return _normalize(self.text_projection(pooled))
+
+    def logit_scale(self):
+        scale = self.log_inverse_temperature
+        if not self.learn_temperature:
+            scale = jnp.asarray(np.log(1.0 / self.temperature_init), scale.dtype)
+        # CLIP clips the scale at 100 for stability.
+        return jnp.minimum(jnp.exp(scale.astype(jnp.float32)), 100.0)
+
+    def __call__(self, images, tokens, mask):
+        return self.embed_image(images), self.embed_text(tokens, mask), self.logit_scale()
+
+
+def _normalize(x):
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+
+
+def build_lm(config: ml_collections.ConfigDict) -> nn.Module:
+    return LanguageModel(llm=build_llm(config.llm))
+
+
+def lm_example_inputs(config: ml_collections.ConfigDict) -> tuple[tuple, dict]:
+    tokens = jnp.zeros((1, config.data.max_text_len), jnp.int32)
+    return (tokens,), {"mask": jnp.ones_like(tokens)}
+
+
+def build_dual_encoder(config: ml_collections.ConfigDict) -> nn.Module:
+    return DualEncoder(
+        encoder=build_encoder(config.encoder),
+        text_encoder=build_llm(config.text_encoder, where="config.text_encoder"),
+        projection_dim=config.contrastive.projection_dim,
+        temperature_init=config.contrastive.temperature_init,
+        learn_temperature=config.contrastive.learn_temperature,
+    )
+
+
+def dual_encoder_example_inputs(config: ml_collections.ConfigDict) -> tuple[tuple, dict]:
+    size = config.preprocessing.image_size
+    images = jnp.zeros((1, size, size, 3), jnp.float32)
+    tokens = jnp.zeros((1, config.data.max_text_len), jnp.int32)
+    return (images, tokens, jnp.ones_like(tokens)), {}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """How to build a model, what inputs initialise it, and which config components it needs."""
+
+    build: Callable[[ml_collections.ConfigDict], nn.Module]
+    example_inputs: Callable[[ml_collections.ConfigDict], tuple[tuple, dict]]
+    components: tuple[str, ...]
+
+
+MODELS: dict[str, ModelSpec] = {
+    "lm": ModelSpec(build_lm, lm_example_inputs, ("llm",)),
+    "dual_encoder": ModelSpec(
+        build_dual_encoder, dual_encoder_example_inputs, ("encoder", "text_encoder")
+    ),
+}
+
+
+def get_model_spec(config: ml_collections.ConfigDict) -> ModelSpec:
+    if config.model not in MODELS:
+        raise config_utils.ConfigError(
+            f"config.model={config.model!r} is unknown; known: {', '.join(sorted(MODELS))}"
+        )
+    return MODELS[config.model]
+
+
+def build_model(config: ml_collections.ConfigDict) -> nn.Module:
+    return get_model_spec(config).build(config)
+
+
+def init_fn(model: nn.Module, config: ml_collections.ConfigDict) -> Callable:
+    """`rng → boxed params` (logical names kept, for shardings); jit or eval_shape it."""
+    args, kwargs = get_model_spec(config).example_inputs(config)
+    return lambda rng: model.init(rng, *args, **kwargs)["params"]
+
+
+def validate_components(config: ml_collections.ConfigDict) -> None:
+    """Every component the model needs is named, and every field is a field of its module."""
+    for component in get_model_spec(config).components:
+        if config[component].name == "none":
+            raise config_utils.ConfigError(
+                f"config.{component}.name is 'none' but config.model={config.model!r} needs it"
+            )
+    build_model(config)  # constructing the modules checks names and fields; nothing is initialised

@@ -1,0 +1,39 @@
+"""Shared test assertions: `from helpers import ...` (tests/ is on sys.path, as for conftest)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from jaxvlm import sharding
+
+
+def assert_logical_names(boxed_params, *, allow_none: bool = True) -> int:
+    """Fails on any parameter that is not boxed with logical names from `sharding.LOGICAL_AXES`.
+
+    Each boxed leaf needs one name per dimension; `None` (replicated on purpose, e.g. a conv
+    kernel's spatial axes) is allowed unless `allow_none=False`. Returns the number of parameters
+    checked.
+    """
+    leaves = jax.tree_util.tree_flatten_with_path(
+        boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+    )[0]
+    problems = []
+    for path, leaf in leaves:
+        where = jax.tree_util.keystr(path)
+        if not isinstance(leaf, nn.Partitioned):
+            problems.append(f"{where}: not boxed with nn.with_logical_partitioning")
+            continue
+        names = tuple(leaf.names)
+        if len(names) != leaf.value.ndim:
+            problems.append(f"{where}: {len(names)} names {names} for shape {leaf.value.shape}")
+        unknown = [
+            n for n in names if not (n is None and allow_none) and n not in sharding.LOGICAL_AXES
+        ]
+        if unknown:
+            problems.append(
+                f"{where}: unknown logical names {unknown} (known: {sharding.LOGICAL_AXES})"
+            )
+    assert not problems, "parameters without valid logical names:\n" + "\n".join(problems)
+    assert leaves, "no parameters found"
+    return len(leaves)

@@ -1,0 +1,78 @@
+"""Every config builds; typos are errors that name the key; nothing is written before validation."""
+
+import jax
+import pytest
+from conftest import CONFIGS
+
+from jaxvlm import config_utils, models
+
+RECIPES = [
+    ("backbones_pretrain", "model=vit"),
+    ("backbones_pretrain", "model=lm"),
+]
+
+
+@pytest.mark.parametrize("recipe,arg", RECIPES)
+@pytest.mark.parametrize("size", ["tiny", "default", "paper"])
+def test_every_config_builds(recipe, arg, size):
+    config = config_utils.load_config(f"{CONFIGS / recipe}.py:{arg},size={size}")
+    model = models.build_model(config)
+    params = jax.eval_shape(models.init_fn(model, config), jax.random.key(0))
+    assert jax.tree.leaves(params)
+
+
+def test_paper_sizes_are_the_papers():
+    vit = config_utils.load_config(f"{CONFIGS}/backbones_pretrain.py:model=vit,size=paper")
+    assert (vit.encoder.width, vit.encoder.depth, vit.encoder.patch_size) == (1024, 24, 14)
+    assert vit.encoder.image_size == 336
+    lm = config_utils.load_config(f"{CONFIGS}/backbones_pretrain.py:model=lm,size=paper")
+    assert (lm.llm.dim, lm.llm.depth, lm.llm.vocab_size) == (4096, 32, 32000)
+
+
+def test_misspelt_override_raises_naming_the_key():
+    with pytest.raises(config_utils.ConfigError, match="optimizer.learnin_rate"):
+        config_utils.load_config(
+            f"{CONFIGS}/backbones_pretrain.py:size=tiny", {"optimizer.learnin_rate": 1.0}
+        )
+    config = config_utils.load_config(f"{CONFIGS}/backbones_pretrain.py:size=tiny")
+    with pytest.raises(AttributeError):
+        config.optimizer.learnin_rate = 1.0  # locked
+
+
+def test_unknown_config_argument_lists_the_allowed_ones():
+    with pytest.raises(config_utils.ConfigError, match="allowed: model, size"):
+        config_utils.load_config(f"{CONFIGS}/backbones_pretrain.py:sise=tiny")
+    with pytest.raises(config_utils.ConfigError, match="size='huge'"):
+        config_utils.load_config(f"{CONFIGS}/backbones_pretrain.py:size=huge")
+
+
+def test_unknown_component_field_names_the_key():
+    with pytest.raises(Exception, match="config.llm.not_a_field"):
+        config = config_utils.load_config(f"{CONFIGS}/backbones_pretrain.py:model=lm,size=tiny")
+        with config.unlocked():
+            config.llm.not_a_field = 3
+        config_utils.validate(config)
+
+
+def test_cross_field_errors_name_the_key():
+    config = config_utils.load_config(f"{CONFIGS}/backbones_pretrain.py:model=lm,size=tiny")
+    config.train.grad_accum_steps = 3
+    with pytest.raises(config_utils.ConfigError, match="grad_accum_steps"):
+        config_utils.validate(config)
+
+
+def test_train_cli_typo_fails_before_writing(tmp_path, capsys):
+    from jaxvlm import cli
+
+    workdir = tmp_path / "never_created"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.train_main(
+            [
+                f"--config={CONFIGS}/backbones_pretrain.py:model=lm,size=tiny",
+                f"--workdir={workdir}",
+                "--config.optimizer.learnin_rate=0.1",
+            ]
+        )
+    assert exit_info.value.code != 0
+    assert "learnin_rate" in capsys.readouterr().err
+    assert not workdir.exists()
