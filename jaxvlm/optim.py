@@ -46,7 +46,7 @@ def trainable_mask(params, patterns: Sequence[str]):
         return hit
 
     mask = jax.tree_util.tree_map_with_path(is_trainable, params)
-    unused = [p for p, u in zip(patterns, used) if not u]
+    unused = [p for p, u in zip(patterns, used, strict=True) if not u]
     if unused:
         some = [path_string(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)[:5]]
         raise ValueError(
@@ -61,7 +61,7 @@ def count_params(params, mask=None) -> tuple[int, int]:
     if mask is None:
         return sum(sizes), 0
     flags = jax.tree.leaves(mask)
-    trainable = sum(s for s, f in zip(sizes, flags) if f)
+    trainable = sum(s for s, f in zip(sizes, flags, strict=True) if f)
     return trainable, sum(sizes) - trainable
 
 

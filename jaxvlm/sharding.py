@@ -64,23 +64,23 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, .
     sizes = [int(mesh_config[name]) for name in MESH_AXES]
     if sizes.count(-1) > 1:
         raise ValueError(
-            f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}"
+            f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes, strict=True))}"
         )
     if any(s == 0 or s < -1 for s in sizes):
         raise ValueError(
-            f"config.mesh: sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}"
+            f"config.mesh: sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes, strict=True))}"
         )
     if -1 in sizes:
         known = math.prod(s for s in sizes if s != -1)
         if num_devices % known:
             raise ValueError(
-                f"config.mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not divisible "
+                f"config.mesh {dict(zip(MESH_AXES, sizes, strict=True))}: {num_devices} devices are not divisible "
                 f"by the fixed axes' product {known}"
             )
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
         raise ValueError(
-            f"config.mesh {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices but "
+            f"config.mesh {dict(zip(MESH_AXES, sizes, strict=True))} has {math.prod(sizes)} devices but "
             f"{num_devices} are available; the product of the mesh axes must equal the device count"
         )
     return tuple(sizes)

@@ -6,16 +6,13 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 
-from pathlib import Path  # noqa: E402
-
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 
 # grain worker processes read absl flags (RECIPES.md).
 flags.FLAGS.mark_as_parsed()
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
+from helpers import CONFIGS  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import flax.linen as nn
 import jax
 
 from jaxvlm import sharding
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
 
 
 def assert_logical_names(boxed_params, *, allow_none: bool = True) -> int:

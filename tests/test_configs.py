@@ -2,7 +2,7 @@
 
 import jax
 import pytest
-from conftest import CONFIGS
+from helpers import CONFIGS
 
 from jaxvlm import config_utils, models
 

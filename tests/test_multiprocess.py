@@ -8,7 +8,7 @@ import sys
 import chex
 import numpy as np
 import pytest
-from conftest import CONFIGS, REPO
+from helpers import CONFIGS, REPO
 
 from jaxvlm import checkpoint
 

@@ -4,6 +4,7 @@ import json
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -66,23 +67,35 @@ def test_resumed_run_equals_uninterrupted_bitwise(
     chex.assert_trees_all_equal(resumed["state"].opt_state, reference["state"].opt_state)
 
 
-def test_sharded_step_matches_unsharded(lm_reference, tiny_config, tmp_path, cache_dir):
-    """2×4 (data × fsdp) mesh against a single device: same losses and params to reduction order."""
-    reference, _ = lm_reference
-    overrides = {**LM_OVERRIDES, "mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1}
-    config = tiny_config("backbones_pretrain", overrides, model="lm")
+def test_sharded_steps_match_unsharded(tiny_config, tmp_path, cache_dir):
+    """A 2×4 (data × fsdp) mesh against one device: same losses, params and optimizer state, up to
+    the order of reductions (INTERFACES.md §5).
+
+    Adam divides by sqrt(v) + eps: for rows of rarely seen tokens |g| ~ eps, which amplifies the
+    reduction-order noise of g a thousandfold. A larger eps keeps this test about the sharded
+    computation rather than Adam's conditioning.
+    """
+    steps = {
+        "train.num_steps": 2,
+        "train.log_every": 1,
+        "train.progress_bar": False,
+        "optimizer.eps": 1e-4,
+    }
+    single_config = tiny_config("backbones_pretrain", {**steps, "mesh.data": 1}, model="lm")
     single = train.train(
-        config, tmp_path / "single", cache_dir=cache_dir, devices=jax.devices()[:1]
+        single_config, tmp_path / "single", cache_dir=cache_dir, devices=jax.devices()[:1]
     )
     sharded_config = tiny_config(
-        "backbones_pretrain", {**LM_OVERRIDES, "mesh.data": 2, "mesh.fsdp": 4}, model="lm"
+        "backbones_pretrain", {**steps, "mesh.data": 2, "mesh.fsdp": 4}, model="lm"
     )
     sharded = train.train(sharded_config, tmp_path / "sharded", cache_dir=cache_dir)
-    for step in range(1, 7):
-        np.testing.assert_allclose(sharded["losses"][step], single["losses"][step], rtol=1e-5)
-    chex.assert_trees_all_close(
-        sharded["state"].params, single["state"].params, rtol=1e-5, atol=1e-6
+    np.testing.assert_allclose(
+        [sharded["losses"][s] for s in (1, 2)], [single["losses"][s] for s in (1, 2)], rtol=1e-5
     )
+    for field in ("params", "opt_state"):
+        chex.assert_trees_all_close(
+            getattr(sharded["state"], field), getattr(single["state"], field), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_frozen_tower_is_bit_identical_and_has_no_optimizer_state(tiny_config, tmp_path, cache_dir):
@@ -117,7 +130,7 @@ def test_frozen_tower_is_bit_identical_and_has_no_optimizer_state(tiny_config, t
     trainable = [
         x for k, x in checkpoint.flatten_params(after).items() if not k.startswith("encoder/")
     ]
-    moment_elements = sum(x.size for x in opt_leaves if x.ndim > 0)
+    moment_elements = sum(x.size for x in opt_leaves if jnp.issubdtype(x.dtype, jnp.floating))
     assert moment_elements == 2 * sum(x.size for x in trainable)
     # The checkpoint holds the trainable parameters only.
     saved = checkpoint.read_params(tmp_path / "lit")
