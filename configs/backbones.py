@@ -9,7 +9,7 @@ WORLD_VOCAB_SIZE = 1024  # the world tokenizer's word-level vocabulary fits (che
 VIT_PRESETS = {
     "world_tiny": dict(image_size=64, patch_size=16, width=32, depth=1, num_heads=2, mlp_dim=64),
     "world_default": dict(
-        image_size=64, patch_size=8, width=128, depth=4, num_heads=4, mlp_dim=512
+        image_size=64, patch_size=8, width=128, depth=3, num_heads=4, mlp_dim=384
     ),
     # CLIP ViT-L/14 at 336 px, as LLaVA-1.5 uses it.
     "clip_l14_336": dict(
@@ -79,12 +79,12 @@ LLAMA_PRESETS = {
     ),
     "world_text_default": dict(
         vocab_size=WORLD_VOCAB_SIZE,
-        dim=128,
+        dim=96,
         depth=2,
         num_heads=4,
         num_kv_heads=4,
-        head_dim=32,
-        mlp_dim=384,
+        head_dim=24,
+        mlp_dim=256,
     ),
     "clip_text_l14": dict(
         vocab_size=49408,
@@ -133,10 +133,16 @@ LLAMA_DEFAULTS = dict(
 )
 
 
+# The world's own backbones run on 2-core CPUs, where XLA:CPU runs an unrolled layer stack 15–25%
+# faster than a scanned one at these sizes (measured); real-size presets keep the scan.
+UNSCANNED_ON_CPU = dict(scan_layers=False)
+
+
 def vit(preset: str) -> dict:
     if preset not in VIT_PRESETS:
         raise ValueError(f"unknown ViT preset {preset!r}; known: {', '.join(sorted(VIT_PRESETS))}")
-    return {**VIT_DEFAULTS, **VIT_PRESETS[preset]}
+    cpu = UNSCANNED_ON_CPU if preset.startswith("world_") else {}
+    return {**VIT_DEFAULTS, **VIT_PRESETS[preset], **cpu}
 
 
 def llama(preset: str) -> dict:
@@ -144,4 +150,5 @@ def llama(preset: str) -> dict:
         raise ValueError(
             f"unknown Llama preset {preset!r}; known: {', '.join(sorted(LLAMA_PRESETS))}"
         )
-    return {**LLAMA_DEFAULTS, **LLAMA_PRESETS[preset]}
+    cpu = UNSCANNED_ON_CPU if preset.startswith("world_") else {}
+    return {**LLAMA_DEFAULTS, **LLAMA_PRESETS[preset], **cpu}

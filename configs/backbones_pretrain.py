@@ -22,7 +22,6 @@ def get_config(arg=None):
         raise config_utils.ConfigError(f"config argument model={arg.model!r}; allowed: vit, lm")
     config = common.base_config()
     config.data.world = common.world(arg.size)
-    steps = {"tiny": 4, "default": 0, "paper": 100000}[arg.size]
     config.trainable = (".*",)
 
     if arg.model == "vit":
@@ -44,7 +43,7 @@ def get_config(arg=None):
         config.optimizer.weight_decay = 0.1  # CLIP
         config.optimizer.b2 = 0.98  # CLIP
         config.optimizer.eps = 1e-6
-        config.train.num_steps = steps or 800
+        config.train.num_steps = {"tiny": 4, "default": 400, "paper": 100000}[arg.size]
         config.evals.retrieval = dict(type="retrieval", split="test", every_steps=0, batch_size=256)
     else:
         preset = {"tiny": "world_tiny", "default": "world_default", "paper": "vicuna_7b"}
@@ -53,12 +52,12 @@ def get_config(arg=None):
         config.llm = dict(name="llama", checkpoint="", **backbones.llama(preset[arg.size]))
         config.data.task = "text"
         config.data.split = ("train", "clips_train")  # clip texts carry the motion words
-        config.data.batch_size = {"tiny": 16, "default": 64, "paper": 1024}[arg.size]
-        config.data.max_text_len = {"tiny": 32, "default": 64, "paper": 2048}[arg.size]
+        config.data.batch_size = {"tiny": 16, "default": 32, "paper": 1024}[arg.size]
+        config.data.max_text_len = {"tiny": 32, "default": 48, "paper": 2048}[arg.size]
         config.optimizer.learning_rate = 3e-3 if arg.size != "paper" else 3e-4
         config.optimizer.b2 = 0.95
         config.optimizer.weight_decay = 0.1
-        config.train.num_steps = steps or 1000
+        config.train.num_steps = {"tiny": 4, "default": 800, "paper": 100000}[arg.size]
         config.evals.perplexity = dict(
             type="perplexity", split="validation", every_steps=0, batch_size=128
         )
@@ -68,6 +67,6 @@ def get_config(arg=None):
         config.optimizer.warmup_steps = 2000
     else:
         config.optimizer.warmup_steps = min(100, config.train.num_steps // 10)
-    config.train.checkpoint_every = config.train.num_steps
+    config.train.checkpoint_every = max(1, config.train.num_steps // 2)  # resumable mid-way
     config.train.log_every = max(1, min(50, config.train.num_steps // 10))
     return config

@@ -167,17 +167,24 @@ def load_pretrained(config, params_shape) -> dict[str, np.ndarray]:
 
 def frozen_manifest(config, cache_dir: Path) -> dict:
     """The manifest of pretrained sources this run depends on (INTERFACES.md §2)."""
-    sources = {}
-    for component in config_utils.MODEL_COMPONENTS:
-        if component in config and "checkpoint" in config[component]:
-            if config[component].checkpoint:
-                sources[component] = checkpoint.source_entry(
-                    config[component].checkpoint, hash_cache_path=cache.hash_cache_path(cache_dir)
-                )
+    named = {
+        component: config[component].checkpoint
+        for component in config_utils.MODEL_COMPONENTS
+        if component in config
+        and "checkpoint" in config[component]
+        and config[component].checkpoint
+    }
     if config.init_from:
-        sources["init_from"] = checkpoint.source_entry(
-            config.init_from, hash_cache_path=cache.hash_cache_path(cache_dir)
-        )
+        named["init_from"] = config.init_from
+    sources = {}
+    for component, path in named.items():
+        key = "init_from" if component == "init_from" else f"{component}.checkpoint"
+        try:
+            sources[component] = checkpoint.source_entry(
+                path, hash_cache_path=cache.hash_cache_path(cache_dir)
+            )
+        except (OSError, ValueError) as error:
+            raise checkpoint.FrozenSourceError(f"config.{key}: {error}") from None
     return checkpoint.make_manifest(sources)
 
 

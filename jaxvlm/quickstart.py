@@ -67,26 +67,18 @@ class Metrics:
         self.path.write_text(json.dumps(self.data, indent=2, sort_keys=True))
 
 
-def run(workdir: Path, cache_dir: Path, configs_dir: Path) -> dict:
+def run(workdir: Path, cache_dir: Path, configs_dir: Path, *, size: str = "default") -> dict:
+    """All phases; `size` is the configs' size argument (`tiny` in tests)."""
     from jaxvlm import backbones, data, evaluate
 
     workdir.mkdir(parents=True, exist_ok=True)
     metrics = Metrics(workdir / "metrics.json")
-    world_spec = f"{configs_dir / 'backbones_pretrain.py'}:model=lm"
+    pretrain = configs_dir / "backbones_pretrain.py"
+    vit_spec, lm_spec = f"{pretrain}:model=vit,size={size}", f"{pretrain}:model=lm,size={size}"
     phases = [
-        ("world", lambda: data.open_world(_world_config(world_spec), cache_dir)),
-        (
-            "backbone_vit",
-            lambda: backbones.ensure_backbone(
-                f"{configs_dir / 'backbones_pretrain.py'}:model=vit", cache_dir
-            )[0],
-        ),
-        (
-            "backbone_lm",
-            lambda: backbones.ensure_backbone(
-                f"{configs_dir / 'backbones_pretrain.py'}:model=lm", cache_dir
-            )[0],
-        ),
+        ("world", lambda: data.open_world(_world_config(lm_spec), cache_dir)),
+        ("backbone_vit", lambda: backbones.ensure_backbone(vit_spec, cache_dir)[0]),
+        ("backbone_lm", lambda: backbones.ensure_backbone(lm_spec, cache_dir)[0]),
     ]
     results = {}
     for phase, action in phases:
