@@ -46,6 +46,8 @@ VIT_DEFAULTS = dict(
     feature_layer=-1,
     scan_layers=True,
     remat="none",
+    dtype="float32",  # computation
+    param_dtype="float32",  # storage; frozen towers may be stored in bfloat16
 )
 
 LLAMA_PRESETS = {
@@ -130,6 +132,8 @@ LLAMA_DEFAULTS = dict(
     num_added_embeddings=0,
     scan_layers=True,
     remat="none",
+    dtype="float32",
+    param_dtype="float32",
 )
 
 

@@ -115,7 +115,7 @@ def train_step(state, batch, *, model, tx, loss_fn, trainable_mask, mesh, config
     total_weight = jnp.maximum(sums.pop("weight"), 1e-9)
     grads = jax.tree.map(lambda g: g / total_weight, grads)
     metrics = {k: v / total_weight for k, v in sums.items()}
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     # Frozen leaves get zeros that `set_to_zero` never reads (XLA drops them).
     full_grads = combine(trainable_mask, grads, jax.tree.map(jnp.zeros_like, frozen))
     updates, opt_state = tx.update(full_grads, state.opt_state, state.params)

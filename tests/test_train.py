@@ -104,6 +104,7 @@ def test_frozen_tower_is_bit_identical_and_has_no_optimizer_state(tiny_config, t
         "train.num_steps": 3,
         "train.log_every": 1,
         "train.progress_bar": False,
+        "encoder.param_dtype": "bfloat16",  # a frozen tower may be stored in bf16
         "trainable": (
             "text_encoder/.*",
             "image_projection/.*",
@@ -158,3 +159,41 @@ def test_dual_encoder_trains_and_reports_retrieval(tiny_config, tmp_path, cache_
         for k in (1, 5, 10):
             assert 0.0 <= metrics[f"r{k}_{direction}"] <= 100.0
         assert metrics[f"r1_{direction}"] <= metrics[f"r10_{direction}"]
+
+
+def test_init_from_loads_a_previous_run(lm_reference, tiny_config, tmp_path, cache_dir):
+    """Stage chaining: `config.init_from` starts from another run's parameters."""
+    _, reference_workdir = lm_reference
+    overrides = {**LM_OVERRIDES, "train.num_steps": 1, "init_from": str(reference_workdir)}
+    config = tiny_config("backbones_pretrain", overrides, model="lm")
+    from jaxvlm import initialization, models, sharding
+
+    mesh = sharding.make_mesh(config.mesh)
+    setup = initialization.setup_state(
+        config, models.build_model(config), mesh, tmp_path / "stage2", cache_dir
+    )
+    loaded = checkpoint.flatten_params(jax.device_get(setup.state.params))
+    saved = checkpoint.read_params(reference_workdir)
+    assert loaded.keys() == saved.keys()
+    for name in saved:
+        np.testing.assert_array_equal(loaded[name], saved[name])
+    assert int(setup.state.step) == 0  # a new run, not a resume
+
+
+def test_full_state_checkpoints_resume(tiny_config, tmp_path, cache_dir):
+    overrides = {
+        **LM_OVERRIDES,
+        "train.save_full_state": True,
+        "train.num_steps": 3,
+        "trainable": ("llm/layers.*",),
+    }
+    config = tiny_config("backbones_pretrain", overrides, model="lm")
+    first = train.train(config, tmp_path / "full", cache_dir=cache_dir)
+    saved = checkpoint.read_params(tmp_path / "full")
+    assert "llm/embed_tokens/embedding" in saved  # frozen leaves saved too
+    longer = tiny_config("backbones_pretrain", {**overrides, "train.num_steps": 4}, model="lm")
+    resumed = train.train(longer, tmp_path / "full", cache_dir=cache_dir)
+    assert sorted(resumed["losses"]) == [4]
+    chex.assert_trees_all_equal(
+        resumed["state"].params["llm"]["embed_tokens"], first["state"].params["llm"]["embed_tokens"]
+    )
