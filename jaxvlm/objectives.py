@@ -19,6 +19,11 @@ from jaxvlm import sharding
 def cross_entropy(logits, targets, weights, label_smoothing: float = 0.0):
     """Weighted token cross-entropy in float32.
 
+    Computed as `logsumexp(logits) - logits[target]` rather than through `log_softmax`: the gradient
+    is then one fused `softmax - one_hot` pass, with no `[..., V]` log-probability buffer and no
+    scatter into zeros for the gathered target. Argmax hits are the first maximal index (as
+    `jnp.argmax`), found with two plain reductions instead of a variadic (value, index) one.
+
     Args:
       logits: float[..., V]; targets: int[...]; weights: float[...] (0 masks a position).
       label_smoothing: mass spread uniformly over the vocabulary (BLIP-2 uses 0.1).
@@ -26,13 +31,18 @@ def cross_entropy(logits, targets, weights, label_smoothing: float = 0.0):
       (sum of weighted losses, sum of weights, number of weighted argmax hits), all float32 scalars.
     """
     logits = logits.astype(jnp.float32)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    target_log_probs = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-    losses = -target_log_probs
+    vocab = logits.shape[-1]
+    max_logits = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    log_normalizer = jnp.log(jnp.sum(jnp.exp(logits - max_logits), axis=-1)) + max_logits[..., 0]
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    losses = log_normalizer - target_logits
     if label_smoothing:
-        losses = (1.0 - label_smoothing) * losses - label_smoothing * jnp.mean(log_probs, axis=-1)
+        mean_log_probs = jnp.mean(logits, axis=-1) - log_normalizer
+        losses = (1.0 - label_smoothing) * losses - label_smoothing * mean_log_probs
     weights = weights.astype(jnp.float32)
-    hits = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    argmax = jnp.min(jnp.where(logits == max_logits, index, vocab), axis=-1)
+    hits = (argmax == targets).astype(jnp.float32)
     return jnp.sum(losses * weights), jnp.sum(weights), jnp.sum(hits * weights)
 
 
@@ -50,7 +60,11 @@ def lm_loss(model, params, batch, rng, *, mesh, config):
     del rng, mesh
     output = model.apply({"params": params}, batch["tokens"], mask=batch["mask"])
     targets, weights = next_token_targets(batch["tokens"], batch["loss_mask"])
-    loss_sum, weight, hits = cross_entropy(output.logits[:, :-1], targets, weights)
+    # Score all T positions, the last with weight 0: slicing the logits to T-1 would copy
+    # float[B, T-1, V] forward and pad its gradient back to T.
+    targets = jnp.pad(targets, ((0, 0), (0, 1)))
+    weights = jnp.pad(weights, ((0, 0), (0, 1)))
+    loss_sum, weight, hits = cross_entropy(output.logits, targets, weights)
     weight_safe = jnp.maximum(weight, 1.0)
     metrics = {"loss": loss_sum / weight_safe, "accuracy": hits / weight_safe, "weight": weight}
     return loss_sum / weight_safe, metrics

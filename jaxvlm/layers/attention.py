@@ -17,6 +17,9 @@ with the slots at or past `index + T` masked out. The caller's `mask` covers the
 
 from __future__ import annotations
 
+import functools
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -118,15 +121,14 @@ class Attention(nn.Module):
         if cache is not None:
             k, v, mask, cache = _update_cache(cache, k, v, mask)
         q, k, v = (nn.with_logical_constraint(t, HEAD_ACTIVATION) for t in (q, k, v))
-        out = jax.nn.dot_product_attention(
-            q,
-            k.astype(q.dtype),
-            v.astype(q.dtype),
-            bias=bias,
-            mask=mask,
-            scale=self.scale,
-            implementation=self.implementation,
+        attend = functools.partial(
+            jax.nn.dot_product_attention, scale=self.scale, implementation=self.implementation
         )
+        if self.implementation in (None, "xla"):
+            # As a fused kernel does: keep q, k, v and recompute the probabilities in the backward
+            # pass rather than store float[B, H, Tq, Tk] (twice) per layer.
+            attend = jax.checkpoint(attend)
+        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), bias, mask)
         out = nn.with_logical_constraint(out, HEAD_ACTIVATION)
         out = _Projection(
             (self.out_dim or x.shape[-1],),
@@ -176,10 +178,13 @@ class _Projection(nn.Module):
         kernel = self.param(
             "kernel", nn.with_logical_partitioning(init, self.names), shape, self.param_dtype
         )
-        contracted = tuple(range(x.ndim - n, x.ndim))
-        y = jnp.tensordot(
-            x.astype(self.dtype), kernel.astype(self.dtype), (contracted, tuple(range(n)))
-        )
+        # One 2-D matmul on flattened views of x and the kernel (free reshapes): a multi-axis
+        # contraction lowers to transposes around the dot on CPU, forward and backward.
+        fan_in = math.prod(shape[:n])
+        batch_shape = x.shape[:-n]
+        x2d = x.astype(self.dtype).reshape(math.prod(batch_shape), fan_in)
+        y = x2d @ kernel.astype(self.dtype).reshape(fan_in, -1)
+        y = y.reshape(*batch_shape, *self.features)
         if self.use_bias:
             bias = self.param(
                 "bias",

@@ -67,13 +67,20 @@ class Mlp(nn.Module):
         dense = lambda features, names, name: _dense(
             features, names, self.use_bias, self.dtype, self.param_dtype, name
         )
+        constrain = lambda h: (
+            nn.with_logical_constraint(h, ("batch", "length", "mlp")) if h.ndim == 3 else h
+        )
         if self.gated:
             gate = dense(self.hidden_dim, ("embed", "mlp"), "gate_proj")(x)
             up = dense(self.hidden_dim, ("embed", "mlp"), "up_proj")(x)
-            h = act(gate) * up
-            down_name = "down_proj"
+            down = dense(out_dim, ("mlp", "embed"), "down_proj")
+            hidden = lambda down, gate, up: down(constrain(act(gate) * up))
+            pre_activations = (gate, up)
         else:
-            h = act(dense(self.hidden_dim, ("embed", "mlp"), "fc1")(x))
-            down_name = "fc2"
-        h = nn.with_logical_constraint(h, ("batch", "length", "mlp")) if h.ndim == 3 else h
-        return dense(out_dim, ("mlp", "embed"), down_name)(h)
+            pre = dense(self.hidden_dim, ("embed", "mlp"), "fc1")(x)
+            down = dense(out_dim, ("mlp", "embed"), "fc2")
+            hidden = lambda down, pre: down(constrain(act(pre)))
+            pre_activations = (pre,)
+        # The backward pass keeps only the pre-activations and recomputes the activation (and the
+        # product) from them, rather than storing several more float[..., hidden_dim] buffers.
+        return nn.remat(hidden)(down, *pre_activations)
