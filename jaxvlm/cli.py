@@ -26,8 +26,9 @@ def setup_logging(verbose: bool = False) -> None:
         datefmt="%H:%M:%S",
         force=True,
     )
-    for noisy in ("absl", "jax._src", "orbax", "tensorstore", "etils", "grain"):
+    for noisy in ("jax._src", "orbax", "tensorstore", "etils", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax reports read-only opens as warnings
 
 
 @contextlib.contextmanager
@@ -75,6 +76,16 @@ def initialize_distributed(coordinator: str, num_processes: int, process_id: int
     )
 
 
+TRAIN_USAGE = """usage: python -m jaxvlm.train --config=configs/NAME.py[:key=value,...] --workdir=DIR
+                             [--config.KEY=VALUE ...] [--cache-dir=DIR]
+                             [--multihost [--coordinator=HOST:PORT --num-processes=N --process-id=I]]
+
+Runs the experiment a config file describes, in DIR; resumes when DIR holds a checkpoint. Any config
+field can be overridden (--config.optimizer.learning_rate=3e-4); a misspelt key is an error. Example:
+  python -m jaxvlm.train --config=configs/backbones_pretrain.py:model=lm,size=tiny --workdir=runs/lm
+"""
+
+
 def train_main(argv: list[str] | None = None) -> None:
     """`python -m jaxvlm.train --config PATH[:args] --workdir DIR [--config.key=value ...]`."""
     from absl import flags
@@ -115,6 +126,10 @@ def train_main(argv: list[str] | None = None) -> None:
     )
     flags.DEFINE_bool("verbose", False, "Debug logging", flag_values=flag_values)
     argv = [program, *(sys.argv[1:] if argv is None else argv)]
+    if any(arg in ("-h", "--help", "-help", "--helpfull") for arg in argv[1:]):
+        print(TRAIN_USAGE)
+        print(flag_values.get_help())
+        return
     with user_errors(program):
         try:
             flag_values(argv)

@@ -103,7 +103,7 @@ def setup_state(
     state, data_state = restore_state(
         config, workdir, latest, params, params_shape, mask, abstract_opt, shardings
     )
-    logger.info("resumed from %s at step %d", workdir, latest)
+    logger.info("restored %s at step %d", workdir, latest)
     return StateSetup(state, tx, mask, shardings, data_state, manifest)
 
 

@@ -23,4 +23,4 @@ class PerplexityEvaluator:
             valid = batch.pop("valid")
             batch.pop("index")
             sums += np.asarray(self.score(params, batch), np.float64)[valid].sum(axis=0)
-        return {"perplexity": float(np.exp(sums[0] / max(sums[1], 1.0))), "tokens": float(sums[1])}
+        return {"perplexity": float(np.exp(sums[0] / max(sums[1], 1.0)))}
