@@ -40,6 +40,14 @@ from jaxvlm.manifest import (
     source_entry,
     verify_manifest,
 )
+from jaxvlm.param_paths import (
+    abbreviated,
+    flatten_params,
+    merge_params,
+    path_string,
+    split_params,
+    unflatten_params,
+)
 
 __all__ = [
     "Checkpointer",
@@ -58,8 +66,6 @@ __all__ = [
 ]
 
 ITEM_NAMES = ("state", "data_iter", "config", "manifest")
-PATH_SEPARATOR = "/"
-_MAX_LISTED = 20
 _MISSING = object()
 
 
@@ -202,9 +208,9 @@ class Checkpointer:
             if saved[name] != current[name]
         ]
         if only_saved := sorted(saved.keys() - current.keys()):
-            problems.append(f"only in the checkpoint: {_listing(only_saved)}")
+            problems.append(f"only in the checkpoint: {abbreviated(only_saved)}")
         if only_current := sorted(current.keys() - saved.keys()):
-            problems.append(f"only in the current state: {_listing(only_current)}")
+            problems.append(f"only in the current state: {abbreviated(only_current)}")
         if problems:
             raise ValueError(
                 f"checkpoint {self.directory / str(step)} does not fit the current state: "
@@ -268,64 +274,6 @@ def check_compatible(
         )
 
 
-def flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Nested mappings → `{"a/b/c": leaf}`. Every non-mapping is a leaf; empty mappings vanish."""
-    flat: dict[str, Any] = {}
-
-    def visit(node: Mapping[str, Any], prefix: str) -> None:
-        for key, value in node.items():
-            if not isinstance(key, str) or PATH_SEPARATOR in key:
-                raise ValueError(f"parameter key {prefix}{key!r} must be a str without '/'")
-            if isinstance(value, Mapping):
-                visit(value, f"{prefix}{key}{PATH_SEPARATOR}")
-            else:
-                flat[f"{prefix}{key}"] = value
-
-    visit(params, "")
-    return flat
-
-
-def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """`{"a/b/c": leaf}` → nested dicts (the inverse of `flatten_params`)."""
-    nested: dict[str, Any] = {}
-    for name in sorted(flat):
-        *parents, last = name.split(PATH_SEPARATOR)
-        node = nested
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = flat[name]
-    return nested
-
-
-def split_params(
-    params: Mapping[str, Any], mask: Mapping[str, Any]
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Splits nested params by a same-structure tree of bools into flat `(trainable, frozen)` dicts.
-
-    Flat `{"a/b/c": leaf}` dicts hold only their own leaves, so Orbax saves (and restores with
-    shardings) the trainable part alone. Works on arrays and on `jax.ShapeDtypeStruct`s alike, so
-    `split_params(abstract_params, mask)[0]` is the matching restore target.
-    """
-    flat_params, flat_mask = flatten_params(params), flatten_params(mask)
-    if flat_params.keys() != flat_mask.keys():
-        raise ValueError(
-            "the mask does not match the params: "
-            f"without a mask entry: {_listing(sorted(flat_params.keys() - flat_mask.keys()))}; "
-            "mask entries without a param: "
-            f"{_listing(sorted(flat_mask.keys() - flat_params.keys()))}"
-        )
-    trainable = {name: leaf for name, leaf in flat_params.items() if bool(flat_mask[name])}
-    frozen = {name: leaf for name, leaf in flat_params.items() if not bool(flat_mask[name])}
-    return trainable, frozen
-
-
-def merge_params(trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict[str, Any]:
-    """The nested params from the flat halves `split_params` made; a path in both is an error."""
-    if overlap := sorted(trainable.keys() & frozen.keys()):
-        raise ValueError(f"parameters both trainable and frozen: {_listing(overlap)}")
-    return unflatten_params({**frozen, **trainable})
-
-
 def _encode_data_iter(data_iter: dict | str | bytes) -> dict:
     """grain's dataset iterators give a dict, its DataLoader iterator JSON bytes: keep the type."""
     if isinstance(data_iter, bytes):
@@ -360,27 +308,8 @@ def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
         dtype = getattr(leaf, "dtype", None)
         if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
             leaf = jax.eval_shape(jax.random.key_data, leaf)
-        shapes[_path_name(path)] = tuple(getattr(leaf, "shape", ()) or ())
+        shapes[path_string(path)] = tuple(getattr(leaf, "shape", ()) or ())
     return shapes
-
-
-def _path_name(path: Sequence[Any]) -> str:
-    """Dict keys, attribute names (namedtuples, dataclasses) and indices alike, so the stored
-    metadata (which turns namedtuples into dicts) and the live tree name a leaf the same way."""
-    parts = []
-    for entry in path:
-        for attribute in ("key", "name", "idx"):
-            if hasattr(entry, attribute):
-                parts.append(str(getattr(entry, attribute)))
-                break
-        else:
-            parts.append(str(entry))
-    return PATH_SEPARATOR.join(parts)
-
-
-def _listing(names: Sequence[str]) -> str:
-    shown = ", ".join(names[:_MAX_LISTED])
-    return shown + (f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
 
 
 def _lookup(config: Any, dotted_key: str) -> Any:

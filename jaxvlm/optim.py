@@ -13,20 +13,9 @@ import ml_collections
 import numpy as np
 import optax
 
+from jaxvlm.param_paths import path_string
+
 TRAIN, FROZEN = "train", "frozen"
-
-
-def path_string(path) -> str:
-    """A pytree key path as `encoder/layers/attn/q_proj/kernel`."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
 
 
 def trainable_mask(params, patterns: Sequence[str]):
