@@ -43,11 +43,15 @@ def ensure_backbone(
     logger.info("pretraining backbone %s in %s", config_spec, partial)
     summary = train.train(config, partial, cache_dir=cache_dir)
     record = {"config": config_spec, "step": summary["step"], "evals": summary["evals"]}
+    if jax.process_count() > 1:  # every process has closed its checkpointer before the rename
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("backbone trained")
     if jax.process_index() == 0:
         (partial / FINISHED_MARKER).write_text(json.dumps(record, indent=2))
         partial.rename(final)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices("backbone finished")
+        multihost_utils.sync_global_devices("backbone renamed")
     return final, record

@@ -131,10 +131,17 @@ def train_main(argv: list[str] | None = None) -> None:
         print(flag_values.get_help())
         return
     with user_errors(program):
+        config_spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+        if "--config" in argv[:-1]:
+            config_spec = argv[argv.index("--config") + 1]
+        if config_spec and not Path(config_spec.partition(":")[0]).is_file():
+            raise FileNotFoundError(f"config file {config_spec.partition(':')[0]} does not exist")
         try:
             flag_values(argv)
         except flags.Error as error:
-            raise ValueError(str(error)) from None
+            # absl wraps the config's own error; its last line is the one that names the problem.
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            raise ValueError(lines[-1] if lines else str(error)) from None
         if flag_values["config"].value is None or not flag_values["workdir"].value:
             raise ValueError("--config and --workdir are required (see --help)")
         config = flag_values["config"].value

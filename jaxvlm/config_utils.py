@@ -130,6 +130,34 @@ def set_by_path(config: ml_collections.ConfigDict, dotted_key: str, value: Any) 
     node[leaf] = value
 
 
+def parse_override_value(config: ml_collections.ConfigDict, dotted_key: str, text: str) -> Any:
+    """A command-line value for `config.<dotted_key>`, converted to the type the field has."""
+    current = get_by_path(config, dotted_key)
+    if isinstance(current, tuple):
+        return tuple(item.strip() for item in text.split(",") if item.strip())
+    if current is None or isinstance(current, str):
+        return text
+    return _convert(f"--config.{dotted_key}", text, current)
+
+
+def split_override_args(args: list[str]) -> dict[str, str]:
+    """`["--config.a.b=1", "--config.c", "2"]` → `{"a.b": "1", "c": "2"}`; anything else raises."""
+    overrides, index = {}, 0
+    while index < len(args):
+        arg = args[index]
+        if not arg.startswith("--config."):
+            raise ConfigError(f"unrecognized argument {arg}")
+        key, sep, value = arg[len("--config.") :].partition("=")
+        if not sep:
+            if index + 1 >= len(args):
+                raise ConfigError(f"--config.{key} needs a value")
+            index += 1
+            value = args[index]
+        overrides[key] = value
+        index += 1
+    return overrides
+
+
 def get_by_path(config: Mapping[str, Any], dotted_key: str) -> Any:
     node: Any = config
     for part in dotted_key.split("."):
@@ -161,6 +189,9 @@ def config_hash(config: ml_collections.ConfigDict | Mapping[str, Any], length: i
 NON_SHAPE_FIELDS = frozenset(
     {
         "checkpoint",
+        "label_smoothing",
+        "temperature_init",
+        "learn_temperature",
         "dtype",
         "param_dtype",
         "remat",
@@ -173,6 +204,19 @@ NON_SHAPE_FIELDS = frozenset(
     }
 )
 MODEL_COMPONENTS = ("encoder", "text_encoder", "llm", "bridge", "contrastive")
+
+
+def make_source_paths_absolute(config: ml_collections.ConfigDict) -> None:
+    """`config.init_from` and every component's `checkpoint` as absolute paths, so that a saved run
+    resumes and evaluates from any current directory (INTERFACES.md §1)."""
+    with config.unlocked():
+        if config.init_from:
+            config.init_from = str(Path(config.init_from).expanduser().absolute())
+        for component in MODEL_COMPONENTS:
+            if component in config and "checkpoint" in config[component]:
+                if config[component].checkpoint:
+                    path = Path(config[component].checkpoint).expanduser().absolute()
+                    config[component].checkpoint = str(path)
 
 
 def model_shape_keys(config: Mapping[str, Any]) -> list[str]:
@@ -234,4 +278,30 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.optimizer.warmup_steps={config.optimizer.warmup_steps} exceeds "
             f"config.train.num_steps={config.train.num_steps}"
         )
+    for key in ("log_every", "checkpoint_every", "num_steps", "keep_checkpoints"):
+        if config.train[key] < 1:
+            raise ConfigError(f"config.train.{key}={config.train[key]} must be ≥ 1")
+    validate_evals(config)
     models.validate_components(config)
+
+
+def validate_evals(config: ml_collections.ConfigDict) -> None:
+    """Every evaluator names a known type, known fields and an existing split."""
+    from jaxvlm import evals
+    from jaxvlm.data import SCENE_SPLITS
+
+    for name, fields in config.evals.items():
+        if fields.type not in evals.EVALUATORS:
+            raise ConfigError(
+                f"config.evals.{name}.type={fields.type!r} is unknown; known: "
+                f"{', '.join(sorted(evals.EVALUATORS))}"
+            )
+        unknown = sorted(set(fields) - set(evals.EVALUATORS[fields.type].fields))
+        if unknown:
+            raise ConfigError(f"config.evals.{name} has unknown fields {unknown}")
+        if fields.split not in SCENE_SPLITS:
+            raise ConfigError(
+                f"config.evals.{name}.split={fields.split!r}; splits: {', '.join(SCENE_SPLITS)}"
+            )
+        if fields.batch_size < 1 or fields.every_steps < 0:
+            raise ConfigError(f"config.evals.{name}: batch_size ≥ 1 and every_steps ≥ 0 required")

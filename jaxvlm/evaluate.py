@@ -10,9 +10,10 @@ import argparse
 import json
 import logging
 import sys
+import types
 from pathlib import Path
 
-from jaxvlm import cli
+from jaxvlm import cli, config_utils
 
 logger = logging.getLogger(__name__)
 
@@ -49,22 +50,31 @@ def evaluate_workdir(
     overrides: dict | None = None,
 ) -> dict:
     """`{"checkpoint", "step", "split", "metrics": {...}}` for the run in `workdir`."""
-    from jaxvlm import cache, config_utils, evals, initialization, models, train
+    from jaxvlm import cache, evals, initialization, models, sharding
+    from jaxvlm import data as data_lib
 
     workdir = Path(workdir).absolute()
     config, step = load_run_config(workdir, step)
-    for key, value in (overrides or {}).items():
-        config_utils.set_by_path(config, key, value)
+    for key, text in (overrides or {}).items():
+        config_utils.set_by_path(config, key, config_utils.parse_override_value(config, key, text))
+    config_utils.validate_evals(config)
     if not config.evals:
         raise ValueError(f"the config saved in {workdir} names no evaluators (config.evals)")
     with config.unlocked():
         for fields in config.evals.values():
             fields.split = split
     cache_dir = cache.resolve(cache_dir)
-    mesh = train.setup_mesh(config)
-    data = train.setup_data(config, cache_dir, mesh)
+    # Evaluation batches are padded to the mesh, so any device count works (no training batch).
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    data = types.SimpleNamespace(
+        world=data_lib.open_world(config.data.world, cache_dir),
+        tokenizer=data_lib.Tokenizer.from_file(str(workdir / "tokenizer.json")),
+        preprocessing=data_lib.ImagePreprocessing.load(str(workdir / "preprocessing.json")),
+    )
     model = models.build_model(config)
-    setup = initialization.setup_state(config, model, mesh, workdir, cache_dir, step=step)
+    setup = initialization.setup_state(
+        config, model, mesh, workdir, cache_dir, step=step, read_only=True
+    )
     evaluators = evals.setup_evals(config, model, mesh, data)
     results = evals.run_evals(evaluators, setup.state.params, step, _NullWriter(), force=True)
     metrics = {k: v for name_metrics in results.values() for k, v in name_metrics.items()}
@@ -92,18 +102,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument("--cache-dir", default=None)
     args, rest = parser.parse_known_args(argv)
-    overrides = {}
-    for item in rest:
-        key, sep, value = item.partition("=")
-        if not key.startswith("--config.evals.") or not sep:
-            parser.error(f"unrecognized argument {item} (only --config.evals.*=VALUE overrides)")
-        overrides[key[len("--config.") :]] = (
-            json.loads(value) if value[:1] in "[{0123456789" else value
-        )
     cli.setup_logging()
     with cli.user_errors("jaxvlm.evaluate"):
         cache_dir = cli.cache_dir_from(args.cache_dir)
         cli.start_runtime(cache_dir)
+        overrides = config_utils.split_override_args(rest)
+        if any(not key.startswith("evals.") for key in overrides):
+            raise ValueError("evaluate accepts only evaluation overrides (--config.evals.*)")
         result = evaluate_workdir(
             args.workdir, split=args.split, cache_dir=cache_dir, step=args.step, overrides=overrides
         )

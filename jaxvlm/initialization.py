@@ -56,9 +56,11 @@ def setup_state(
     cache_dir: Path,
     *,
     step: int | None = None,
+    read_only: bool = False,
 ) -> StateSetup:
     """The state to train or evaluate: restored from `workdir`'s checkpoint `step` (default the
-    latest) when one exists, else freshly built."""
+    latest) when one exists, else freshly built. `read_only` (evaluation) never writes to the
+    workdir, so a run training there keeps its in-flight saves."""
     TrainState = _train_state_class()
     params_shape, params_sharding, boxed = abstract_params(config, model, mesh)
     mask = optim.trainable_mask(params_shape, config.trainable)
@@ -70,10 +72,8 @@ def setup_state(
     shardings = TrainState(
         step=replicated, params=params_sharding, opt_state=opt_sharding, rng=replicated
     )
-    manifest = frozen_manifest(config, cache_dir)
-
-    checkpointer = checkpoint.Checkpointer(workdir, async_save=False)
-    try:
+    latest, saved_manifest = None, None
+    with checkpoint.Checkpointer(workdir, async_save=False, read_only=read_only) as checkpointer:
         latest = checkpointer.latest_step() if step is None else step
         if latest is not None:
             checkpoint.check_compatible(
@@ -81,13 +81,18 @@ def setup_state(
                 config_utils.to_dict(config),
                 config_utils.model_shape_keys(config),
             )
+            saved_manifest = checkpointer.read_manifest(latest)
+    if latest is not None and config.train.save_full_state:
+        # Everything is in the checkpoint: its sources are history, not dependencies.
+        manifest, params = saved_manifest, None
+    else:
+        manifest = frozen_manifest(config, cache_dir)
+        if latest is not None:
             checkpoint.verify_manifest(
-                checkpointer.read_manifest(latest), hash_cache_path=cache.hash_cache_path(cache_dir)
+                saved_manifest, hash_cache_path=cache.hash_cache_path(cache_dir)
             )
-    finally:
-        checkpointer.close()
-
-    params = initial_params(config, model, mesh, params_shape, params_sharding)
+            check_same_sources(saved_manifest, manifest)
+        params = initial_params(config, model, mesh, params_shape, params_sharding)
     if latest is None:
         opt_state = jax.jit(tx.init, out_shardings=opt_sharding)(params)
         rng = jax.device_put(jax.random.key_data(jax.random.key(config.train.seed)), replicated)
@@ -165,6 +170,19 @@ def load_pretrained(config, params_shape) -> dict[str, np.ndarray]:
     return loaded
 
 
+def check_same_sources(saved_manifest: dict, current_manifest: dict) -> None:
+    """A resumed run must read its frozen weights from the sources it was trained with."""
+    saved, current = saved_manifest["sources"], current_manifest["sources"]
+    for component in sorted(set(saved) | set(current)):
+        before = saved.get(component, {}).get("path")
+        now = current.get(component, {}).get("path")
+        if before != now:
+            key = "init_from" if component == "init_from" else f"{component}.checkpoint"
+            raise checkpoint.FrozenSourceError(
+                f"config.{key} is {now!r} but the checkpoint was trained from {before!r}"
+            )
+
+
 def frozen_manifest(config, cache_dir: Path) -> dict:
     """The manifest of pretrained sources this run depends on (INTERFACES.md §2)."""
     named = {
@@ -212,7 +230,7 @@ def restore_state(config, workdir, step, params, params_shape, mask, abstract_op
         mask,
         full,
     )
-    with checkpoint.Checkpointer(workdir, async_save=False) as checkpointer:
+    with checkpoint.Checkpointer(workdir, read_only=True) as checkpointer:
         restored = checkpointer.restore(step, abstract_state=abstract)
     saved = restored.state
     if full:

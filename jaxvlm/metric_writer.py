@@ -1,4 +1,4 @@
-"""Metrics to stdout (via logging), `metrics.jsonl` and TensorBoard (tensorboardX, no TensorFlow).
+"""Metrics to stderr (via logging), `metrics.jsonl` and TensorBoard (tensorboardX, no TensorFlow).
 
 Only process 0 writes (`enabled=False` elsewhere).
 """

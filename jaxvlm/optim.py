@@ -102,9 +102,15 @@ def build_optimizer(
     )
 
 
+# Leaves that get weight decay, by their name; norm scales, biases, gates and temperatures do not.
+DECAYED_LEAVES = ("kernel", "embedding", "added_embedding", "added_kernel")
+
+
 def matrices_only(params):
-    """Weight-decay mask: decay kernels and embeddings, not norm scales, biases or scalars."""
-    return jax.tree.map(lambda p: np.ndim(p) >= 2, params)
+    """Weight-decay mask by leaf name (not by rank: scanned norm scales are 2-D too)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: path_string(path).rsplit("/", 1)[-1] in DECAYED_LEAVES, params
+    )
 
 
 def learning_rate_at(config: ml_collections.ConfigDict, step: int) -> float:

@@ -246,6 +246,7 @@ def train(
     Returns `{"step", "losses": {step: loss}, "evals": {name: {metric: value}}, "state"}`.
     """
     config_utils.validate(config)
+    config_utils.make_source_paths_absolute(config)
     workdir = Path(workdir).absolute()
     cache_dir = cache.resolve(cache_dir)
     is_main = jax.process_index() == 0
@@ -302,6 +303,7 @@ def train(
         checkpointer.wait_until_finished()
         checkpointer.close()
         writer.close()
+        data.iterator.close()  # grain worker processes and their shared memory
     return {"step": int(state.step), "losses": losses, "evals": eval_results, "state": state}
 
 
@@ -338,7 +340,8 @@ class TrainLoop:
             )
         now = time.perf_counter()
         summary = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
-        summary["learning_rate"] = optim.learning_rate_at(self.config, step)
+        # The update of step k used schedule(k - 1): optax counts updates from 0.
+        summary["learning_rate"] = optim.learning_rate_at(self.config, step - 1)
         summary["steps_per_second"] = len(fetched) / max(now - self.last_time, 1e-9)
         self.last_time, self.window_start = now, step
         self.writer.write(step, {f"train/{k}": v for k, v in summary.items()})

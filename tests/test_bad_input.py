@@ -1,6 +1,7 @@
 """Bad input gets a clear error naming the problem, and nothing is lost."""
 
 import json
+import shutil
 
 import pytest
 
@@ -31,16 +32,15 @@ def test_resuming_with_another_model_shape_names_the_keys(tiny_config, tmp_path,
 
 
 def test_frozen_source_is_loaded_and_a_changed_one_is_refused(
-    tiny_config, tiny_vit_workdir, tmp_path, cache_dir
+    tiny_config, tiny_vit_workdir, tmp_path, cache_dir, monkeypatch
 ):
     """Locked-image tuning from a pretrained ViT workdir: the manifest pins the source's hashes."""
-    import shutil
-
     source = tmp_path / "vit_source"
     shutil.copytree(tiny_vit_workdir, source)
+    monkeypatch.chdir(tmp_path)  # a relative source path is recorded as an absolute one
     overrides = {
         **STEPS,
-        "encoder.checkpoint": str(source),
+        "encoder.checkpoint": "vit_source",
         "trainable": ("text_encoder/.*", "text_projection/.*"),
     }
     config = tiny_config("backbones_pretrain", overrides, model="vit")
@@ -54,6 +54,17 @@ def test_frozen_source_is_loaded_and_a_changed_one_is_refused(
     manifest = checkpoint.Checkpointer(tmp_path / "lit", read_only=True).read_manifest()
     assert manifest["sources"]["encoder"]["path"] == str(source)
 
+    # Resuming with another source than the one trained from is refused.
+    moved = tmp_path / "vit_source_copy"
+    shutil.copytree(source, moved)
+    other = tiny_config(
+        "backbones_pretrain",
+        {**overrides, "encoder.checkpoint": str(moved), "train.num_steps": 3},
+        model="vit",
+    )
+    with pytest.raises(FrozenSourceError, match="trained from"):
+        train.train(other, tmp_path / "lit", cache_dir=cache_dir)
+    monkeypatch.chdir("/")
     # The source changes under the run: resuming it is refused, naming component and file.
     longer = tiny_config("backbones_pretrain", {**overrides, "train.num_steps": 3}, model="vit")
     victim = next(
@@ -70,6 +81,22 @@ def test_frozen_source_is_loaded_and_a_changed_one_is_refused(
 
 
 def test_evaluate_cli_json_and_missing_step(tiny_vit_workdir, cache_dir, capsys):
+    # A save still in flight (a run training there) must survive an evaluation.
+    in_flight = tiny_vit_workdir / "checkpoints" / "9.orbax-checkpoint-tmp-1"
+    (in_flight / "state").mkdir(parents=True)
+    evaluate.main(
+        [
+            "--workdir",
+            str(tiny_vit_workdir),
+            "--cache-dir",
+            str(cache_dir),
+            "--config.evals.retrieval.batch_size",
+            "24",
+        ]
+    )
+    assert in_flight.is_dir()
+    assert "r1_image_to_text\t" in capsys.readouterr().out
+    shutil.rmtree(in_flight)
     evaluate.main(
         [
             "--workdir",

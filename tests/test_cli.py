@@ -9,12 +9,21 @@ from helpers import REPO
 
 @pytest.mark.parametrize(
     "module,expected",
-    [("jaxvlm.train", "--config"), ("jaxvlm.evaluate", "--workdir"),
-     ("jaxvlm.quickstart", "--workdir"), ("jaxvlm.data.world", "--held-out")],
+    [
+        ("jaxvlm.train", "--config"),
+        ("jaxvlm.evaluate", "--workdir"),
+        ("jaxvlm.quickstart", "--workdir"),
+        ("jaxvlm.data.world", "--held-out"),
+    ],
 )
 def test_help(module, expected):
-    result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert expected in result.stdout
 

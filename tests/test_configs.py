@@ -76,3 +76,16 @@ def test_train_cli_typo_fails_before_writing(tmp_path, capsys):
     assert exit_info.value.code != 0
     assert "learnin_rate" in capsys.readouterr().err
     assert not workdir.exists()
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ({"train.checkpoint_every": 0}, "checkpoint_every"),
+        ({"evals.perplexity.type": "bleu"}, "evals.perplexity.type"),
+        ({"evals.perplexity.split": "tset"}, "evals.perplexity.split"),
+    ],
+)
+def test_bad_steps_and_evaluators_are_config_errors(override, match):
+    with pytest.raises(config_utils.ConfigError, match=match):
+        config_utils.load_config(f"{CONFIGS}/backbones_pretrain.py:model=lm,size=tiny", override)

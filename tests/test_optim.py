@@ -69,3 +69,18 @@ def test_warmup_then_cosine_to_the_floor():
     np.testing.assert_allclose(float(schedule(110)), 1e-3, rtol=1e-5)
     constant = optim.make_schedule(config(schedule="constant").optimizer, 110)
     assert float(constant(100)) == pytest.approx(1e-2)
+
+
+def test_weight_decay_skips_norm_scales_and_biases_whatever_their_rank():
+    stacked = {
+        "layers": {
+            "norm": {"scale": jnp.ones((2, 4))},
+            "proj": {"bias": jnp.ones((2, 4)), "kernel": jnp.ones((2, 4, 4))},
+        },
+        "embed": {"embedding": jnp.ones((8, 4))},
+    }
+    decayed = optim.matrices_only(stacked)
+    assert decayed == {
+        "layers": {"norm": {"scale": False}, "proj": {"bias": False, "kernel": True}},
+        "embed": {"embedding": True},
+    }

@@ -37,6 +37,8 @@ def test_lm_trains_and_writes_its_workdir(lm_reference):
     assert list((workdir / "tensorboard").iterdir())
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert {"train/loss", "train/learning_rate", "train/grad_norm"} <= set(rows[0])
+    # Step 1's update used the schedule at 0 (no warm-up in the tiny config: the peak rate).
+    assert rows[0]["train/learning_rate"] == pytest.approx(3e-3)
     assert checkpoint.Checkpointer(workdir, read_only=True).all_steps() == [3, 6]
     assert "perplexity" in summary["evals"]["perplexity"]
 
