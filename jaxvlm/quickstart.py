@@ -59,6 +59,10 @@ class Metrics:
         self.data["results"].setdefault(model, {})[split] = metrics
         self.save()
 
+    def drop(self, model: str) -> None:
+        self.data["results"].pop(model, None)
+        self.save()
+
     def has(self, model: str) -> bool:
         rows = self.data["results"].get(model, {})
         return all(split in rows for split in SPLITS)
@@ -86,7 +90,8 @@ def run(workdir: Path, cache_dir: Path, configs_dir: Path, *, size: str = "defau
         logger.info("phase %s", phase)
         results[phase] = action()
         if phase.startswith("backbone_"):
-            _link(workdir / phase, results[phase])
+            if _link(workdir / phase, results[phase]):
+                metrics.drop(phase)  # another backbone than the one these rows measured
             if not metrics.has(phase):
                 for split in SPLITS:
                     scored = evaluate.evaluate_workdir(
@@ -106,12 +111,16 @@ def _world_config(config_spec: str):
     return config_utils.load_config(config_spec).data.world
 
 
-def _link(link: Path, target: Path) -> None:
+def _link(link: Path, target: Path) -> bool:
+    """Points `link` at `target`; True when it pointed at something else before."""
+    changed = False
     if link.is_symlink() or link.exists():
         if link.resolve() == Path(target).resolve():
-            return
+            return False
         link.unlink()
+        changed = True
     link.symlink_to(Path(target).absolute(), target_is_directory=True)
+    return changed
 
 
 def render_report(data: dict) -> str:
