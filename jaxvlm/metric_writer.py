@@ -24,6 +24,14 @@ class MetricWriter:
             self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
             self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"))
 
+    def truncate_after(self, step: int) -> None:
+        """Drops rows past `step`: a resumed run re-runs those steps and logs them again."""
+        if not self.enabled or not self.jsonl_path.is_file():
+            return
+        lines = self.jsonl_path.read_text().splitlines()
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        self.jsonl_path.write_text("".join(line + "\n" for line in kept))
+
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
             return

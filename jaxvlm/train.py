@@ -271,6 +271,7 @@ def train(
     )
     evaluators = evals.setup_evals(config, model, mesh, data)
     writer = metric_writer.MetricWriter(workdir, enabled=is_main)
+    writer.truncate_after(int(setup.state.step))
     checkpointer = checkpoint.Checkpointer(
         workdir, max_to_keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoint
     )

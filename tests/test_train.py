@@ -66,6 +66,11 @@ def test_resumed_run_equals_uninterrupted_bitwise(
     for step in (4, 5, 6):
         assert resumed["losses"][step] == reference["losses"][step], step
     chex.assert_trees_all_equal(resumed["state"].params, reference["state"].params)
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    logged = [row["step"] for row in rows if "train/loss" in row]
+    assert logged == [1, 2, 3, 4, 5, 6]  # steps re-run after the resume are logged once
     chex.assert_trees_all_equal(resumed["state"].opt_state, reference["state"].opt_state)
 
 
