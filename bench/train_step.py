@@ -5,6 +5,13 @@
 Same run, same machine, config fixed: 4 layers, d256, 8 heads / 4 KV heads, MLP 688, vocab 2048,
 batch 8, sequence 128, float32, unscanned layers as the world presets use on CPU. Reports the median of `--steps` timed steps after `--warmup` untimed ones,
 compile time apart, achieved GFLOP/s, and the speed ratio (target: ours ≥ 1.3× faster on CPU).
+
+Run it both ways; both frameworks share the process, hence the allocator:
+    python bench/train_step.py                                   # glibc malloc
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python bench/train_step.py
+XLA:CPU allocates each step's temporaries afresh, and with glibc every large buffer is a new mmap whose
+pages fault in again each step; TCMalloc (what `launch/*.sh` preload when installed, as Cloud TPU VMs
+do) reuses them.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ set -euo pipefail
 config=${1:?usage: launch/multiprocess.sh CONFIG[:args] WORKDIR [flags...]}
 workdir=${2:?usage: launch/multiprocess.sh CONFIG[:args] WORKDIR [flags...]}
 shift 2
+source "$(dirname "$0")/cpu_allocator.sh"
 num_processes=${NUM_PROCESSES:-2}
 devices=${DEVICES_PER_PROCESS:-2}
 port=${COORDINATOR_PORT:-$(python -c 'import portpicker; print(portpicker.pick_unused_port())')}
