@@ -12,16 +12,22 @@ import dataclasses
 import logging
 from collections.abc import Callable
 
+from jaxvlm.evals.captioning import cider_d
 from jaxvlm.evals.perplexity import PerplexityEvaluator
 from jaxvlm.evals.retrieval import RetrievalEvaluator, recall_at_k
+from jaxvlm.evals.vqa import mean_vqa_accuracy, normalize_answer, vqa_accuracy
 
 __all__ = [
     "EVALUATORS",
     "PerplexityEvaluator",
     "RetrievalEvaluator",
+    "cider_d",
+    "mean_vqa_accuracy",
+    "normalize_answer",
     "recall_at_k",
     "run_evals",
     "setup_evals",
+    "vqa_accuracy",
 ]
 
 logger = logging.getLogger(__name__)
