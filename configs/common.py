@@ -67,6 +67,7 @@ def base_config() -> ConfigDict:
             batch_size=64,  # global batch, all processes together
             max_text_len=32,
             worker_count=0,  # grain worker processes per host
+            image_token_id=4,  # the <image> placeholder id (the world tokenizer's <image>)
         )
     )
     config.preprocessing = preprocessing()

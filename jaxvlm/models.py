@@ -4,7 +4,8 @@
 - `dual_encoder`: CLIP-style image tower + text tower with projections and a learned temperature;
   the image tower's parameters live under `encoder/` (as in a VLM, so the pretrained ViT drops in).
 
-Later recipes add `vlm` (encoder → bridge → LLM) to the same table.
+- `vlm`: image encoder → bridge → LLM (`jaxvlm/vlm.py`); parameters under `encoder/`, `bridge/`
+  and `llm/`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from jaxvlm import config_utils
 from jaxvlm.encoders import build_encoder
 from jaxvlm.llms import build_llm
+from jaxvlm.vlm import build_vlm, vlm_example_inputs
 
 
 class LanguageModel(nn.Module):
@@ -132,6 +134,7 @@ MODELS: dict[str, ModelSpec] = {
     "dual_encoder": ModelSpec(
         build_dual_encoder, dual_encoder_example_inputs, ("encoder", "text_encoder")
     ),
+    "vlm": ModelSpec(build_vlm, vlm_example_inputs, ("encoder", "llm", "bridge")),
 }
 
 
