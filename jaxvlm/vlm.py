@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxvlm import config_utils
 from jaxvlm.bridges import Injection, build_bridge
 from jaxvlm.encoders import build_encoder
 from jaxvlm.llms import build_llm
@@ -135,10 +134,6 @@ class VLM(nn.Module):
 
 
 def build_vlm(config: ml_collections.ConfigDict) -> nn.Module:
-    if "image_token_id" not in config.get("data", {}):
-        raise config_utils.ConfigError(
-            "config.model='vlm' needs config.data.image_token_id (the <image> placeholder id)"
-        )
     bridge = build_bridge(config.bridge, vision_dim=config.encoder.width, llm_dim=config.llm.dim)
     if getattr(bridge, "injection", None) is Injection.CROSS_ATTENTION:
         raise _cross_attention_error(config.bridge.name)

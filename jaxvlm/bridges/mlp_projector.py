@@ -21,21 +21,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxvlm.bridges.base import BridgeOutput, BridgeText, Injection
+from jaxvlm.layers.mlp import logical_dense
 
 __all__ = ["PROJECTORS", "Bridge"]
 
 PROJECTORS = ("linear", "mlp2x_gelu")
-
-
-def _dense(features: int, names: tuple[str, str], dtype, param_dtype, name: str) -> nn.Dense:
-    return nn.Dense(
-        features,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]),
-        name=name,
-    )
 
 
 class Bridge(nn.Module):
@@ -93,10 +83,14 @@ class Bridge(nn.Module):
             image_features = image_features[:, :, :, 1:]
         batch, images, frames, patches, vision_dim = image_features.shape
         x = image_features.reshape(batch, images, frames * patches, vision_dim)
-        x = _dense(self.llm_dim, ("embed", "mlp"), self.dtype, self.param_dtype, "linear_1")(x)
+        x = logical_dense(
+            self.llm_dim, ("embed", "mlp"), True, self.dtype, self.param_dtype, "linear_1"
+        )(x)
         if self.projector == "mlp2x_gelu":
             x = jax.nn.gelu(x, approximate=False)  # HF `projector_hidden_act="gelu"`, exact erf.
-            x = _dense(self.llm_dim, ("mlp", "embed"), self.dtype, self.param_dtype, "linear_2")(x)
+            x = logical_dense(
+                self.llm_dim, ("mlp", "embed"), True, self.dtype, self.param_dtype, "linear_2"
+            )(x)
         x = jnp.where(image_mask[:, :, None, None], x, jnp.zeros((), x.dtype))
         x = nn.with_logical_constraint(x, ("batch", "media", "length", "embed"))
         return BridgeOutput(tokens=x, media=None, aux={})

@@ -27,7 +27,8 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
-def _dense(features, names, use_bias, dtype, param_dtype, name):
+def logical_dense(features, names, use_bias, dtype, param_dtype, name) -> nn.Dense:
+    """A Dense layer whose kernel has logical names `names` and whose bias has `names[-1:]`."""
     return nn.Dense(
         features,
         use_bias=use_bias,
@@ -64,7 +65,7 @@ class Mlp(nn.Module):
             )
         act = ACTIVATIONS[self.activation]
         out_dim = self.out_dim or x.shape[-1]
-        dense = lambda features, names, name: _dense(
+        dense = lambda features, names, name: logical_dense(
             features, names, self.use_bias, self.dtype, self.param_dtype, name
         )
         constrain = lambda h: (
