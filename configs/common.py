@@ -40,6 +40,70 @@ def preprocessing(image_size: int = 64) -> ConfigDict:
     )
 
 
+# LLaVA §3: Vicuna v0's conversation format, `###` after every turn and as the stop string.
+VICUNA_V0 = (
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set system_message = messages[0]['content'] %}{% set messages = messages[1:] %}"
+    "{% endif %}"
+    "{{ bos_token }}{{ system_message }}{{ separator }}"
+    "{% for message in messages %}"
+    "{{ roles[message['role']] }}: {{ message['content'] }}{{ separator }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ roles['assistant'] }}:{% endif %}"
+)
+VICUNA_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the human's questions."
+)
+# LLaVA-1.5's short-answer VQA prompt, less "single" (not a word of the world's vocabulary).
+VQA_PROMPT = "{question}\nAnswer the question using a word or phrase."
+CAPTION_PROMPT = "Describe the image concisely."  # the first of LLaVA's brief-description prompts
+
+
+def chat_template(system_message: str = VICUNA_SYSTEM) -> ConfigDict:
+    """A jinja chat template and its variables (jaxvlm.data.chat.ChatTemplate fields)."""
+    return ConfigDict(
+        dict(
+            template=VICUNA_V0,
+            system_message=system_message,
+            roles=dict(user="Human", assistant="Assistant"),
+            separator="###",
+            stop="###",
+            image_placeholder="<image>",
+        )
+    )
+
+
+def vqa_eval(split="test", num_examples=0, batch_size=64, max_new_tokens=10) -> ConfigDict:
+    """VQAv2 accuracy of greedy answers to VQA_PROMPT (and the blind baseline beside it)."""
+    return ConfigDict(
+        dict(
+            type="vqa",
+            split=split,
+            every_steps=0,
+            batch_size=batch_size,
+            num_examples=num_examples,  # a fixed subset of the split's questions; 0 = all
+            prompt=VQA_PROMPT,
+            max_new_tokens=max_new_tokens,
+        )
+    )
+
+
+def caption_eval(split="test", num_examples=0, batch_size=64, max_new_tokens=24) -> ConfigDict:
+    """CIDEr-D of greedy captions to CAPTION_PROMPT against every reference caption."""
+    return ConfigDict(
+        dict(
+            type="captioning",
+            split=split,
+            every_steps=0,
+            batch_size=batch_size,
+            num_examples=num_examples,  # a fixed subset of the split's images; 0 = all
+            prompt=CAPTION_PROMPT,
+            max_new_tokens=max_new_tokens,
+        )
+    )
+
+
 def base_config() -> ConfigDict:
     config = ConfigDict()
     config.model = "lm"  # a name in jaxvlm.models.MODELS
@@ -66,10 +130,18 @@ def base_config() -> ConfigDict:
             split=("train",),  # one scene split for "captions"; several for "text"
             batch_size=64,  # global batch, all processes together
             max_text_len=32,
+            texts_per_row=1,  # "text" task: texts concatenated into one row of max_text_len
             worker_count=0,  # grain worker processes per host
             image_token_id=4,  # the <image> placeholder id (the world tokenizer's <image>)
+            # Weights of the "instructions" task's sample types (jaxvlm.data.conversations).
+            instruction_mix=dict(
+                conversation=1.0, detail=1.0, complex_reasoning=1.0, vqa=0.0, caption=0.0
+            ),
+            vqa_prompt=VQA_PROMPT,  # the short-answer format of "vqa" samples
         )
     )
+    # The conversation template of prefix VLMs (jaxvlm.data.chat.ChatTemplate).
+    config.template = chat_template()
     config.preprocessing = preprocessing()
 
     config.optimizer = ConfigDict(

@@ -55,3 +55,24 @@ def ensure_backbone(
 
         multihost_utils.sync_global_devices("backbone renamed")
     return final, record
+
+
+BACKBONE_SCHEME = "backbone:"
+
+
+def resolve_sources(config, cache_dir: str | Path) -> None:
+    """Replaces each component `checkpoint="backbone:<config spec>"` by the workdir of that
+    pretrained backbone, training it first when the cache has none (the synthetic world's towers).
+
+    Runs before the config is saved, so a run's config names the workdir it really read.
+    """
+    from jaxvlm.config_utils import MODEL_COMPONENTS
+
+    for component in MODEL_COMPONENTS:
+        if component not in config or "checkpoint" not in config[component]:
+            continue
+        source = config[component].checkpoint
+        if source.startswith(BACKBONE_SCHEME):
+            workdir, _ = ensure_backbone(source[len(BACKBONE_SCHEME) :], cache_dir)
+            with config.unlocked():
+                config[component].checkpoint = str(workdir)

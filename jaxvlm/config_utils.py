@@ -303,5 +303,7 @@ def validate_evals(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(
                 f"config.evals.{name}.split={fields.split!r}; splits: {', '.join(SCENE_SPLITS)}"
             )
+        if fields.type == "vqa" and "{question}" not in fields.prompt:
+            raise ConfigError(f"config.evals.{name}.prompt has no {{question}} slot")
         if fields.batch_size < 1 or fields.every_steps < 0:
             raise ConfigError(f"config.evals.{name}: batch_size ≥ 1 and every_steps ≥ 0 required")

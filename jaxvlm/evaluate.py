@@ -1,17 +1,22 @@
 """Scores a trained model: `python -m jaxvlm.evaluate --workdir DIR [--step N] [--split test] [--json]`.
 
-The model's config (hence its evaluators), tokenizer and preprocessing come from what was saved with it.
-Evaluation fields can be overridden (`--config.evals.retrieval.batch_size=64`).
+The model's config (hence its evaluators), tokenizer and preprocessing come from what was saved with
+it. Generative evaluators (VQA accuracy, CIDEr) run beside the blind baseline: the frozen LLM the
+bridge started from, with the same template, prompt and decoding and no image (INTERFACES.md §3).
+`--data WORLD_DIR` scores a world built elsewhere (e.g. another seed, `python -m jaxvlm.data.world`);
+`--verify` re-hashes every frozen source in full. Evaluation fields can be overridden
+(`--config.evals.vqa.num_examples=100`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
-import types
 from pathlib import Path
+from typing import Any
 
 from jaxvlm import cli, config_utils
 
@@ -19,11 +24,14 @@ logger = logging.getLogger(__name__)
 
 
 def load_run_config(workdir: Path, step: int | None = None):
-    """The locked ConfigDict a checkpoint was trained with."""
+    """The locked ConfigDict a checkpoint was trained with, and the resolved step."""
     import ml_collections
 
     from jaxvlm import checkpoint
 
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise FileNotFoundError(f"--workdir {workdir} does not exist")
     with checkpoint.Checkpointer(workdir, read_only=True) as checkpointer:
         step = checkpointer._resolve_step(step)
         saved = checkpointer.read_config(step)
@@ -41,6 +49,144 @@ def _tuples(value):
     return value
 
 
+@dataclasses.dataclass
+class LoadedRun:
+    """A saved model ready to run: config, step, module, parameters and what travels with it."""
+
+    workdir: Path
+    config: Any
+    step: int
+    model: Any
+    params: Any
+    tokenizer: Any
+    preprocessing: Any
+    mesh: Any
+
+
+def load_run(
+    workdir: str | Path,
+    *,
+    cache_dir: str | Path,
+    step: int | None = None,
+    overrides: dict | None = None,
+    verify: bool = False,
+) -> LoadedRun:
+    """Restores `workdir`'s checkpoint `step` (default latest) read-only on all local devices.
+
+    `overrides` ({"evals.vqa.num_examples": "100"}) change evaluation fields only; `verify`
+    re-hashes every frozen source in full before loading.
+    """
+    from jaxvlm import cache, checkpoint, initialization, manifest, models, sharding
+    from jaxvlm import data as data_lib
+
+    workdir = Path(workdir).absolute()
+    config, step = load_run_config(workdir, step)
+    for key, text in (overrides or {}).items():
+        if not key.startswith("evals."):
+            raise ValueError(
+                f"only evaluation fields can be overridden (config.evals.*), not {key}"
+            )
+        config_utils.set_by_path(config, key, config_utils.parse_override_value(config, key, text))
+    config_utils.validate_evals(config)
+    cache_dir = cache.resolve(cache_dir)
+    if verify:
+        with checkpoint.Checkpointer(workdir, read_only=True) as checkpointer:
+            saved_manifest = checkpointer.read_manifest(step)
+        manifest.verify_manifest(
+            saved_manifest, full=True, hash_cache_path=cache.hash_cache_path(cache_dir)
+        )
+    # Evaluation batches are padded to the mesh, so any device count works (no training batch).
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    model = models.build_model(config)
+    setup = initialization.setup_state(
+        config, model, mesh, workdir, cache_dir, step=step, read_only=True
+    )
+    return LoadedRun(
+        workdir=workdir,
+        config=config,
+        step=step,
+        model=model,
+        params=setup.state.params,
+        tokenizer=data_lib.Tokenizer.from_file(str(workdir / "tokenizer.json")),
+        preprocessing=data_lib.ImagePreprocessing.load(str(workdir / "preprocessing.json")),
+        mesh=mesh,
+    )
+
+
+def blind_params(config, params):
+    """`params` with the LLM replaced by the frozen source it was trained from (`config.llm
+    .checkpoint`; the run's own LLM when it has no source), for the blind baseline."""
+    import jax
+
+    from jaxvlm import checkpoint
+
+    source = config.llm.checkpoint
+    if not source:
+        logger.warning("config.llm.checkpoint is empty: the blind baseline uses the run's own LLM")
+        return params
+    flat = checkpoint.flatten_params(params)
+    loaded = {k: v for k, v in checkpoint.read_params(source).items() if k.startswith("llm/")}
+    missing = sorted(k for k in flat if k.startswith("llm/") and k not in loaded)
+    if missing:
+        raise ValueError(f"the LLM source {source} lacks parameters {missing[:5]}")
+    for key, value in loaded.items():
+        flat[key] = jax.device_put(value.astype(flat[key].dtype), flat[key].sharding)
+    return checkpoint.unflatten_params(flat)
+
+
+def evaluate_run(
+    run: LoadedRun,
+    *,
+    split: str,
+    world_dir: str | Path | None,
+    cache_dir,
+    blind: bool,
+    model: bool = True,
+):
+    """`{"checkpoint", "step", "split", "metrics", "blind"}` (INTERFACES.md §3) for a loaded run;
+    `model=False` skips the model's own metrics (only the blind baseline)."""
+    import types
+
+    from jaxvlm import data as data_lib
+    from jaxvlm import evals
+
+    config = run.config
+    if not config.evals:
+        raise ValueError(f"the config saved in {run.workdir} names no evaluators (config.evals)")
+    with config.unlocked():
+        for fields in config.evals.values():
+            fields.split = split
+    if world_dir is not None:
+        world = data_lib.load_world(str(world_dir))
+    else:
+        world = data_lib.open_world(config.data.world, cache_dir)
+    context = types.SimpleNamespace(
+        world=world, tokenizer=run.tokenizer, preprocessing=run.preprocessing
+    )
+    metrics = {}
+    if model:
+        evaluators = evals.setup_evals(config, run.model, run.mesh, context)
+        metrics = _run_all(evaluators, run.params, run.step)
+    result = {
+        "checkpoint": str(run.workdir / "checkpoints" / str(run.step)),
+        "step": run.step,
+        "split": split,
+        "metrics": metrics,
+        "blind": {},
+    }
+    if blind and evals.has_generative(config):
+        blind_evaluators = evals.setup_evals(config, run.model, run.mesh, context, blind=True)
+        result["blind"] = _run_all(blind_evaluators, blind_params(config, run.params), run.step)
+    return result
+
+
+def _run_all(evaluators, params, step) -> dict[str, float]:
+    from jaxvlm import evals
+
+    results = evals.run_evals(evaluators, params, step, _NullWriter(), force=True)
+    return {k: v for name_metrics in results.values() for k, v in name_metrics.items()}
+
+
 def evaluate_workdir(
     workdir: str | Path,
     *,
@@ -48,42 +194,13 @@ def evaluate_workdir(
     cache_dir: str | Path,
     step: int | None = None,
     overrides: dict | None = None,
+    world_dir: str | Path | None = None,
+    verify: bool = False,
+    blind: bool = True,
 ) -> dict:
-    """`{"checkpoint", "step", "split", "metrics": {...}}` for the run in `workdir`."""
-    from jaxvlm import cache, evals, initialization, models, sharding
-    from jaxvlm import data as data_lib
-
-    workdir = Path(workdir).absolute()
-    config, step = load_run_config(workdir, step)
-    for key, text in (overrides or {}).items():
-        config_utils.set_by_path(config, key, config_utils.parse_override_value(config, key, text))
-    config_utils.validate_evals(config)
-    if not config.evals:
-        raise ValueError(f"the config saved in {workdir} names no evaluators (config.evals)")
-    with config.unlocked():
-        for fields in config.evals.values():
-            fields.split = split
-    cache_dir = cache.resolve(cache_dir)
-    # Evaluation batches are padded to the mesh, so any device count works (no training batch).
-    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-    data = types.SimpleNamespace(
-        world=data_lib.open_world(config.data.world, cache_dir),
-        tokenizer=data_lib.Tokenizer.from_file(str(workdir / "tokenizer.json")),
-        preprocessing=data_lib.ImagePreprocessing.load(str(workdir / "preprocessing.json")),
-    )
-    model = models.build_model(config)
-    setup = initialization.setup_state(
-        config, model, mesh, workdir, cache_dir, step=step, read_only=True
-    )
-    evaluators = evals.setup_evals(config, model, mesh, data)
-    results = evals.run_evals(evaluators, setup.state.params, step, _NullWriter(), force=True)
-    metrics = {k: v for name_metrics in results.values() for k, v in name_metrics.items()}
-    return {
-        "checkpoint": str(workdir / "checkpoints" / str(step)),
-        "step": step,
-        "split": split,
-        "metrics": metrics,
-    }
+    """`{"checkpoint", "step", "split", "metrics", "blind"}` for the run in `workdir`."""
+    run = load_run(workdir, cache_dir=cache_dir, step=step, overrides=overrides, verify=verify)
+    return evaluate_run(run, split=split, world_dir=world_dir, cache_dir=cache_dir, blind=blind)
 
 
 class _NullWriter:
@@ -99,24 +216,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", required=True, help="a jaxvlm run directory")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
     parser.add_argument("--split", default="test", choices=("test", "test_novel", "validation"))
+    parser.add_argument("--data", default=None, help="a world directory (default: the run's world)")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    parser.add_argument("--verify", action="store_true", help="re-hash frozen sources in full")
+    parser.add_argument("--no-blind", action="store_true", help="skip the blind baseline")
     parser.add_argument("--cache-dir", default=None)
     args, rest = parser.parse_known_args(argv)
     cli.setup_logging()
     with cli.user_errors("jaxvlm.evaluate"):
-        cache_dir = cli.cache_dir_from(args.cache_dir)
-        cli.start_runtime(cache_dir)
         overrides = config_utils.split_override_args(rest)
-        if any(not key.startswith("evals.") for key in overrides):
-            raise ValueError("evaluate accepts only evaluation overrides (--config.evals.*)")
+        cache_dir = cli.cache_dir_from(args.cache_dir)
+        if args.data is not None and not Path(args.data).is_dir():
+            raise FileNotFoundError(f"--data {args.data} is not a directory")
+        cli.start_runtime(cache_dir)
         result = evaluate_workdir(
-            args.workdir, split=args.split, cache_dir=cache_dir, step=args.step, overrides=overrides
+            args.workdir,
+            split=args.split,
+            cache_dir=cache_dir,
+            step=args.step,
+            overrides=overrides,
+            world_dir=args.data,
+            verify=args.verify,
+            blind=not args.no_blind,
         )
     if args.json:
         print(json.dumps(result))
     else:
-        for key, value in result["metrics"].items():
-            print(f"{key}\t{value:.4f}")
+        for name, metrics in (("", result["metrics"]), ("blind/", result["blind"])):
+            for key, value in metrics.items():
+                print(f"{name}{key}\t{value:.4f}")
     sys.stdout.flush()
 
 

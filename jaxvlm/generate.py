@@ -1,268 +1,471 @@
-"""Text generation with a KV cache: greedy and sampling (temperature, top-k, top-p).
+"""Answers prompts with a trained model: `python -m jaxvlm.generate --workdir DIR --prompt TEXT`.
 
-`generate` prefills the cache with a left-padded prompt (token ids, or input embeddings with image
-tokens spliced in), then decodes one token per step in a jitted `jax.lax.while_loop` that ends
-early once every example has emitted `eos_id`.
+  python -m jaxvlm.generate --workdir runs/quickstart/llava_stage2 \\
+      --prompt "What colour is the circle?" --image scene.png
+  python -m jaxvlm.generate --workdir runs/world_lm --prompt "a red circle" --max-new-tokens 20
+  python -m jaxvlm.generate --workdir runs/quickstart/llava_stage2 --image scene.png --chat
 
-The model enters through a `Decoder`: two callables, so this module never knows about a model's
-parameter layout.
-  - `apply(params, *, tokens=None, embeddings=None, positions, kv_mask, cache, **extra)
-    -> DecoderOutput`: tokens int[B, T] or embeddings float[B, T, D]; positions int[B, T];
-    kv_mask bool[B, T]; cache the decoder's cache; `extra` are the `decoder_inputs` given to
-    `generate` (e.g. media for cross-attention), passed unchanged to every call.
-  - `init_cache(batch_size, max_length) -> cache`: an empty cache (no parameters needed).
-`llm_decoder(llm, scope="llm")` builds one for a `Llama`-API decoder whose parameters live under
-`params[scope]` (e.g. `models.LanguageModel`); it is cached, so repeated calls reuse the compiled
-programs.
+The model is the latest checkpoint of --workdir (or --step N); its config, tokenizer, chat template
+and image preprocessing come from what was saved with it. Each --prompt is wrapped in the model's
+chat template and its images are placed where the model saw them in training (LLaVA: at the start
+of the user turn). --no-template encodes the prompt exactly as the tokenizer does, with its own
+special tokens; write one <image> in the text per image. A language model trained on plain text
+(an `lm` run) has no chat template: its prompt is BOS + text, as in training, and it takes no
+images. With one --prompt every --image goes to it; with several, give one image per prompt (in
+order) or none. Images may be of any size and any format Pillow reads; they are resized, cropped
+and normalised as in training. A prompt may be at most the run's context, config.data.max_text_len
+tokens (image tokens included).
 
-Sampling keys (INTERFACES.md §5): example b at step s draws with
-`fold_in(fold_in(key(seed), example_indices[b]), s)`, so batching does not change samples.
+stdout holds only the answers, one line per prompt, in order (newlines inside an answer become
+spaces); with --json, one {"text": str, "token_ids": [int, ...]} object per line instead, the ids
+being the newly generated ones (EOS or the template's stop string included when produced). Logs
+go to stderr. --chat talks turn by turn: type a message, read the answer; the images go in the
+first user turn; an empty line or end of input ends it. Decoding is greedy unless --temperature is
+above 0, which samples with --top-k, --top-p and --seed (per-prompt keys: a prompt's sample does
+not depend on the others). Beam search (--num-beams above 1) is not available yet.
+
+From Python (a notebook):
+  from jaxvlm import evaluate, generate
+  run = evaluate.load_run("runs/quickstart/llava_stage2", cache_dir=None)  # None: ~/.cache/jaxvlm
+  [out] = generate.answer(run, ["What colour is the circle?"], [["scene.png"]])
+  out.text, out.token_ids
+  from jaxvlm.decoding import Decoding  # sampling instead of greedy:
+  generate.answer(run, prompts, images, decoding=Decoding(temperature=1.0, top_k=20), seed=1)
+
+`answer` decodes through `predict.generate_fn`, the evaluators' path, which runs the KV-cache loop
+of `jaxvlm.decoding`. jax is imported inside the functions, so that --help answers at once.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import functools
-from collections.abc import Callable
-from typing import Any
+import json
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-from flax import struct
+from jaxvlm import cli
+from jaxvlm.decoding import Decoding
 
-__all__ = [
-    "Decoder",
-    "Decoding",
-    "GenerateOutput",
-    "generate",
-    "llm_decoder",
-    "sample_tokens",
-    "top_k_filter",
-    "top_p_filter",
-]
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = ["GeneratedText", "answer", "main"]
+
+PROGRAM = "jaxvlm.generate"
+# Runs trained on these data tasks saw plain text, never a chat template (jaxvlm.data.TASKS).
+PLAIN_TEXT_TASKS = ("text",)
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class Decoding:
-    """How the next token is chosen from the logits.
+class GeneratedText:
+    """One answer.
 
-    temperature: 0 is greedy (argmax; top_k and top_p are ignored); > 0 samples from
-      softmax(logits / temperature) after filtering.
-    top_k: keep the k most likely tokens (0: no limit).
-    top_p: keep the smallest set of most likely tokens whose probability is ≥ top_p (1: all).
+    text: the decoded answer, cut at EOS or the template's stop string, stripped of surrounding
+      whitespace (newlines inside it kept).
+    token_ids: the newly generated ids (no prompt), EOS or the stop string's ids included when
+      produced.
     """
 
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
+    text: str
+    token_ids: list[int]
 
-    def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"Decoding.temperature must be ≥ 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"Decoding.top_k must be ≥ 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"Decoding.top_p must be in (0, 1], got {self.top_p}")
+
+@dataclasses.dataclass(frozen=True)
+class _PromptFormat:
+    """How a run turns prompts into ids and generated ids into text (see `answer`)."""
+
+    tokenizer: Any
+    template: Any  # data.chat.ChatTemplate; None: trained on plain text, or use_template=False
+    use_template: bool
+    image_token_id: int | None  # None: a text-only model
+    tokens_per_image: int
+    image_size: int
+    context: int  # config.data.max_text_len
+
+    @classmethod
+    def of(cls, run, use_template: bool) -> _PromptFormat:
+        from jaxvlm import vlm
+        from jaxvlm.data import chat
+
+        config = run.config
+        if config.model not in ("vlm", "lm"):
+            raise ValueError(
+                f"the run in {run.workdir} is config.model={config.model!r}, which does not "
+                "generate text; generate needs a 'vlm' or an 'lm' run"
+            )
+        has_template = use_template and config.data.task not in PLAIN_TEXT_TASKS
+        is_vlm = config.model == "vlm"
+        return cls(
+            tokenizer=run.tokenizer,
+            template=chat.ChatTemplate.from_config(config.template) if has_template else None,
+            use_template=use_template,
+            image_token_id=config.data.image_token_id if is_vlm else None,
+            tokens_per_image=vlm.tokens_per_image(config) if is_vlm else 0,
+            image_size=run.preprocessing.image_size,
+            context=config.data.max_text_len,
+        )
 
     @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
+    def stop(self) -> str:
+        return self.template.stop if self.template is not None else ""
 
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        from jaxvlm.data import chat
 
-@dataclasses.dataclass(frozen=True)
-class Decoder:
-    """A model as `generate` sees it; see the module docstring for the two callables."""
+        return chat.encode_stop(self.tokenizer, self.stop)
 
-    apply: Callable[..., Any]
-    init_cache: Callable[[int, int], Any]
+    def encode(self, index: int, prompt: str, num_images: int, history) -> np.ndarray:
+        """int32[L] prompt ids with each image's slots expanded; L ≤ the context."""
+        import numpy as np
 
+        from jaxvlm.data import chat
 
-@struct.dataclass
-class GenerateOutput:
-    """tokens: int32[B, max_new_tokens] — generated ids, `pad_id` after an example's EOS.
-    lengths: int32[B] — generated tokens per example, counting its EOS."""
-
-    tokens: jax.Array
-    lengths: jax.Array
-
-
-@functools.cache
-def llm_decoder(llm: nn.Module, scope: str | None = "llm") -> Decoder:
-    """A `Decoder` for a `Llama`-API module whose parameters are `params[scope]` (all if None).
-
-    Cached per (module, scope), so the compiled programs of `generate` are reused.
-    """
-
-    def apply(params, **kwargs):
-        return llm.apply({"params": params if scope is None else params[scope]}, **kwargs)
-
-    return Decoder(apply=apply, init_cache=llm.init_cache)
-
-
-def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
-    """logits: float[..., V]. Sets all but the k largest (ties at the k-th kept) to -inf."""
-    if k <= 0 or k >= logits.shape[-1]:
-        return logits
-    threshold = jax.lax.top_k(logits, k)[0][..., -1:]
-    return jnp.where(logits < threshold, -jnp.inf, logits)
-
-
-def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
-    """logits: float[..., V]. Keeps the smallest set of most likely tokens whose probability
-    (under softmax(logits)) is ≥ p, sets the rest to -inf; ties with the least likely kept token
-    are kept too."""
-    if p >= 1:
-        return logits
-    sorted_logits = jnp.flip(jnp.sort(logits, axis=-1), axis=-1)
-    probabilities = jax.nn.softmax(sorted_logits, axis=-1)
-    mass_before = jnp.cumsum(probabilities, axis=-1) - probabilities
-    num_kept = jnp.maximum(jnp.sum(mass_before < p, axis=-1, keepdims=True), 1)
-    threshold = jnp.take_along_axis(sorted_logits, num_kept - 1, axis=-1)
-    return jnp.where(logits < threshold, -jnp.inf, logits)
-
-
-def sample_tokens(logits: jax.Array, keys: jax.Array, decoding: Decoding) -> jax.Array:
-    """logits: float[B, V]; keys: key[B] (one per example). Returns int32[B]."""
-    if decoding.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / decoding.temperature
-    logits = top_p_filter(top_k_filter(logits, decoding.top_k), decoding.top_p)
-    return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
-
-
-@struct.dataclass
-class _State:
-    step: jax.Array  # int32[]: index of the next token to write
-    tokens: jax.Array  # int32[B, N]
-    lengths: jax.Array  # int32[B]
-    finished: jax.Array  # bool[B]
-    positions: jax.Array  # int32[B]: position of the next token
-    cache: Any
-
-
-@functools.cache
-def _compiled_generate(
-    decoder: Decoder,
-    max_new_tokens: int,
-    decoding: Decoding,
-) -> Callable:
-    """One jitted program per (decoder, N, decoding); jax.jit adds one per input shapes."""
-
-    def choose(state: _State, logits, example_keys, eos_id, pad_id) -> _State:
-        step_keys = jax.vmap(lambda key: jax.random.fold_in(key, state.step))(example_keys)
-        token = sample_tokens(logits, step_keys, decoding)
-        token = jnp.where(state.finished, pad_id, token)
-        finished = state.finished | (token == eos_id)  # eos_id -1: never
-        return state.replace(
-            step=state.step + 1,
-            tokens=state.tokens.at[:, state.step].set(token),
-            lengths=state.lengths + (~state.finished).astype(jnp.int32),
-            finished=finished,
-        )
-
-    def run(
-        params, prompt_tokens, prompt_embeddings, prompt_mask, seed, example_indices, ids, extra
-    ):
-        eos_id, pad_id = ids
-        prompt = prompt_tokens if prompt_embeddings is None else prompt_embeddings
-        batch_size, prompt_length = prompt.shape[:2]
-        prompt_mask = prompt_mask.astype(bool)
-        positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0).astype(jnp.int32)
-        cache = decoder.init_cache(batch_size, prompt_length + max_new_tokens)
-        output = decoder.apply(
-            params,
-            tokens=prompt_tokens,
-            embeddings=prompt_embeddings,
-            positions=positions,
-            kv_mask=prompt_mask,
-            cache=cache,
-            **extra,
-        )
-        base_key = jax.random.key(seed)
-        example_keys = jax.vmap(lambda index: jax.random.fold_in(base_key, index))(example_indices)
-        state = _State(
-            step=jnp.zeros((), jnp.int32),
-            tokens=jnp.full((batch_size, max_new_tokens), pad_id, jnp.int32),
-            lengths=jnp.zeros((batch_size,), jnp.int32),
-            finished=jnp.zeros((batch_size,), bool),
-            positions=positions[:, -1] + 1,
-            cache=output.cache,
-        )
-        state = choose(state, output.logits[:, -1], example_keys, eos_id, pad_id)
-
-        def keep_going(state: _State):
-            return (state.step < max_new_tokens) & ~jnp.all(state.finished)
-
-        def decode_step(state: _State) -> _State:
-            output = decoder.apply(
-                params,
-                tokens=state.tokens[:, state.step - 1, None],
-                positions=state.positions[:, None],
-                kv_mask=jnp.ones((batch_size, 1), bool),  # generated pads are real tokens
-                cache=state.cache,
-                **extra,
+        if num_images and self.image_token_id is None:
+            raise ValueError(
+                f"prompt {index} has {num_images} image(s), but this model is a text-only "
+                "language model (config.model='lm'): it takes no images"
             )
-            state = state.replace(positions=state.positions + 1, cache=output.cache)
-            return choose(state, output.logits[:, -1], example_keys, eos_id, pad_id)
+        messages = [*history, {"role": "user", "content": prompt}]
+        if self.use_template and self.template is None:  # plain text, as in training: BOS + text
+            tokenizer = self.tokenizer
+            ids = np.asarray(tokenizer.encode(prompt, add_bos=tokenizer.bos_id is not None))
+        else:
+            ids = chat.encode_prompt(
+                self.tokenizer,
+                self.template,
+                messages,
+                num_images=num_images,
+                image_token_id=self.image_token_id,
+                tokens_per_image=self.tokens_per_image,
+            )
+        if not len(ids):
+            raise ValueError(f"prompt {index} ({prompt!r}) encodes to no tokens")
+        if len(ids) > self.context:
+            with_images = " (image tokens included)" if num_images else ""
+            raise ValueError(
+                f"prompt {index} is {len(ids)} tokens{with_images}, longer than the model's "
+                f"context of {self.context} tokens (config.data.max_text_len)"
+            )
+        return np.asarray(ids, np.int32)
 
-        state = jax.lax.while_loop(keep_going, decode_step, state)
-        return GenerateOutput(tokens=state.tokens, lengths=state.lengths)
+    def decode(self, ids: Sequence[int]) -> GeneratedText:
+        from jaxvlm.data import chat
 
-    return jax.jit(run)
+        ids = [int(i) for i in ids]
+        return GeneratedText(chat.decode_answer(self.tokenizer, ids, self.stop), token_ids=ids)
 
 
-def generate(
-    decoder: Decoder,
-    params: Any,
-    prompt_tokens: jax.Array | None,
-    prompt_mask: jax.Array,
+def _pixels(image, preprocessing, where: str) -> np.ndarray:
+    """An image file path or uint8 array → float32[S, S, 3], as the model was trained."""
+    import numpy as np
+
+    from jaxvlm.data import preprocessing as preprocessing_lib
+
+    if isinstance(image, (str, os.PathLike)):
+        image = preprocessing_lib.load_image(os.fspath(image))
+    try:
+        return preprocessing(np.asarray(image))
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
+def _batch(fmt: _PromptFormat, prompt_ids, pixels, num_rows: int) -> dict[str, np.ndarray]:
+    """The left-padded batch of `predict.generate_fn`: prompts padded to the context (fixed
+    shapes: one compile per batch size, and answers that do not depend on the other prompts), rows
+    to `num_rows` with copies of row 0 (every row needs a real token and matching image slots)."""
+    import numpy as np
+
+    from jaxvlm.data import conversations
+
+    pad_id = fmt.tokenizer.pad_id or 0
+    rows = [conversations.pad_left(ids, fmt.context, pad_id) for ids in prompt_ids]
+    rows += rows[:1] * (num_rows - len(rows))
+    batch = {"tokens": np.stack([r[0] for r in rows]), "mask": np.stack([r[1] for r in rows])}
+    if fmt.image_token_id is not None:
+        num_images = max(1, *(len(p) for p in pixels))
+        size = fmt.image_size
+        images = np.zeros((num_rows, num_images, size, size, 3), np.float32)
+        image_mask = np.zeros((num_rows, num_images), bool)
+        for row, row_pixels in enumerate(pixels):
+            for slot, image in enumerate(row_pixels):
+                images[row, slot], image_mask[row, slot] = image, True
+        images[len(pixels) :], image_mask[len(pixels) :] = images[0], image_mask[0]
+        batch.update(images=images, image_mask=image_mask)
+    return batch
+
+
+def answer(
+    run,
+    prompts: Sequence[str],
+    images: Sequence[Sequence[np.ndarray | str | os.PathLike]] | None = None,
     *,
-    max_new_tokens: int,
-    eos_id: int | None,
-    pad_id: int,
-    decoding: Decoding = Decoding(),
+    history: Sequence[Mapping[str, str]] | None = None,
+    use_template: bool = True,
+    max_new_tokens: int = 64,
+    decoding: Decoding = Decoding(),  # noqa: B008 (frozen: a shared default is safe)
     seed: int = 0,
-    example_indices: jax.Array | None = None,
-    prompt_embeddings: jax.Array | None = None,
-    decoder_inputs: dict[str, Any] | None = None,
-) -> GenerateOutput:
-    """Generates up to `max_new_tokens` tokens after each left-padded prompt.
+    example_indices: Sequence[int] | None = None,
+    batch_size: int = 16,
+) -> list[GeneratedText]:
+    """Answers each prompt with a loaded run (`evaluate.load_run`): a `vlm` or an `lm` run.
+
+    Prompts are encoded as the model was trained: with the run's chat template (`config.template`;
+    images placed by `data.chat.place_images` unless the prompt holds one `<image>` per image),
+    or, for a model trained on plain text (`config.data.task` "text"), as BOS + text. With
+    `use_template=False` a prompt is encoded exactly as `tokenizer(prompt)` (its own special
+    tokens) and must hold one `<image>` per image. Generation stops at EOS, at the template's stop
+    string (none without a template, as with transformers' `generate`), or after `max_new_tokens`. Prompts are decoded in batches, left-padded to the run's
+    context, with the decode path of the evaluators (`predict.generate_fn`): greedy answers equal
+    those of one prompt at a time, and a sample depends only on (seed, its example index).
 
     Args:
-      decoder: the model (see the module docstring; `llm_decoder` for a Llama-API LM).
-      params: passed to `decoder.apply` unchanged.
-      prompt_tokens: int[B, T], left-padded; or None with `prompt_embeddings` float[B, T, D]
-        (input embeddings, e.g. with image tokens spliced in). Every prompt needs ≥ 1 real token.
-      prompt_mask: int or bool[B, T] — 1 for real prompt tokens, 0 for left padding.
-      max_new_tokens: N, the generated length; the cache holds T + N slots.
-      eos_id: an example stops after emitting it (later tokens are `pad_id`); None: never stops.
-      pad_id: written after EOS.
+      run: a `LoadedRun` (config, model, params, tokenizer, preprocessing, mesh).
+      prompts: the user messages, P of them.
+      images: per prompt, its images (uint8 arrays [H, W(, C)] of any size, or files Pillow reads);
+        None: no images.
+      history: earlier turns of one conversation, [{"role": "user" | "assistant", "content"}],
+        placed before every prompt (needs the chat template); a prompt's images go in the first
+        user turn of the conversation, unless it holds placeholders.
+      use_template: False encodes the raw prompt (see above).
+      max_new_tokens: the most tokens generated per prompt.
       decoding: greedy (default) or sampling settings.
-      seed: the sampling seed. seed, eos_id and pad_id are traced: changing them does not
-        recompile.
-      example_indices: int[B], each example's index for its sampling key; default arange(B).
-      decoder_inputs: extra keyword arguments for every `decoder.apply` call (e.g. media).
+      seed: the sampling seed.
+      example_indices: each prompt's index for its sampling key (default 0..P-1), so a batched
+        sample can be reproduced one prompt at a time.
+      batch_size: prompts per decode call (rounded up to the mesh's batch shards).
 
     Returns:
-      GenerateOutput(tokens int32[B, N], lengths int32[B]).
+      One `GeneratedText(text, token_ids)` per prompt, in order.
+
+    Raises:
+      ValueError: naming the problem: an unreadable image file, images for a text-only model,
+        placeholders that do not match the images, a prompt longer than the context (both
+        lengths), a history without a template.
     """
-    if (prompt_tokens is None) == (prompt_embeddings is None):
-        raise ValueError("generate: pass exactly one of prompt_tokens and prompt_embeddings")
+    import numpy as np
+
+    from jaxvlm import predict, sharding
+
+    prompts = list(prompts)
+    images = [[] for _ in prompts] if images is None else [list(row) for row in images]
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} image lists for {len(prompts)} prompts; give one each")
     if max_new_tokens < 1:
-        raise ValueError(f"generate: max_new_tokens must be ≥ 1, got {max_new_tokens}")
-    batch_size = (prompt_tokens if prompt_embeddings is None else prompt_embeddings).shape[0]
-    if example_indices is None:
-        example_indices = jnp.arange(batch_size, dtype=jnp.int32)
-    run = _compiled_generate(decoder, max_new_tokens, decoding)
-    ids = jnp.asarray([-1 if eos_id is None else eos_id, pad_id], jnp.int32)
-    return run(
-        params,
-        None if prompt_tokens is None else jnp.asarray(prompt_tokens, jnp.int32),
-        prompt_embeddings,
-        jnp.asarray(prompt_mask),
-        jnp.asarray(seed, jnp.uint32),
-        jnp.asarray(example_indices, jnp.int32),
-        (ids[0], ids[1]),
-        dict(decoder_inputs or {}),
+        raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+    indices = list(range(len(prompts)) if example_indices is None else example_indices)
+    if len(indices) != len(prompts):
+        raise ValueError(f"{len(indices)} example indices for {len(prompts)} prompts")
+    fmt = _PromptFormat.of(run, use_template)
+    if history and fmt.template is None:
+        why = (
+            "use_template=False (--no-template) drops it"
+            if not use_template
+            else f"the run in {run.workdir} was trained on plain text and has none"
+        )
+        raise ValueError(f"a conversation (history, --chat) needs a chat template; {why}")
+    pixels = [
+        [
+            _pixels(image, run.preprocessing, f"image {j} of prompt {i}")
+            for j, image in enumerate(row)
+        ]
+        for i, row in enumerate(images)
+    ]
+    prompt_ids = [
+        fmt.encode(index, prompt, len(row), history or ())
+        for index, (prompt, row) in enumerate(zip(prompts, pixels, strict=True))
+    ]
+    decode = predict.generate_fn(run.model, run.mesh)
+    shards = sharding.num_batch_shards(run.mesh)
+    results = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = slice(start, start + batch_size)
+        count = len(prompt_ids[chunk])
+        num_rows = -(-count // shards) * shards
+        batch = _batch(fmt, prompt_ids[chunk], pixels[chunk], num_rows)
+        chunk_indices = indices[chunk] + [indices[start]] * (num_rows - count)
+        output = decode(
+            run.params,
+            batch,
+            max_new_tokens=max_new_tokens,
+            eos_id=fmt.tokenizer.eos_id,
+            pad_id=fmt.tokenizer.pad_id or 0,
+            stop_ids=fmt.stop_ids,
+            decoding=decoding,
+            seed=seed,
+            example_indices=np.asarray(chunk_indices, np.int32),
+        )
+        tokens, lengths = np.asarray(output.tokens), np.asarray(output.lengths)
+        results += [fmt.decode(tokens[row, : lengths[row]]) for row in range(count)]
+    return results
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (INTERFACES.md §1), exit status 2."""
+
+    def error(self, message: str):
+        print(f"{PROGRAM}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog="python -m jaxvlm.generate",
+        description=__doc__.split("\nFrom Python", 1)[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    model = parser.add_argument_group("model (exactly one of --workdir and --checkpoint)")
+    selector = model.add_mutually_exclusive_group(required=True)
+    selector.add_argument("--workdir", help="a jaxvlm run directory (train or convert wrote it)")
+    selector.add_argument(
+        "--checkpoint", help="a Hugging Face directory or .gguf file (not available yet)"
+    )
+    model.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+    prompting = parser.add_argument_group("prompts")
+    prompting.add_argument(
+        "--prompt", action="append", default=[], help="a prompt (repeat for several)"
+    )
+    prompting.add_argument(
+        "--image", action="extend", nargs="+", default=[], metavar="FILE", help="image file(s)"
+    )
+    prompting.add_argument(
+        "--no-template", action="store_true", help="encode the prompt exactly as the tokenizer does"
+    )
+    prompting.add_argument("--chat", action="store_true", help="interactive multi-turn chat")
+    decoding = parser.add_argument_group("decoding")
+    decoding.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
+    decoding.add_argument(
+        "--num-beams", type=int, default=1, metavar="K", help="1 (beam search not available yet)"
+    )
+    decoding.add_argument("--length-penalty", type=float, default=None, metavar="A")
+    decoding.add_argument("--early-stopping", choices=("true", "false", "never"), default=None)
+    decoding.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    decoding.add_argument("--top-k", type=int, default=0, metavar="K", help="0: no limit")
+    decoding.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1: no limit")
+    decoding.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    output = parser.add_argument_group("output")
+    output.add_argument("--json", action="store_true", help="one JSON object per answer")
+    parser.add_argument(
+        "--cache-dir", default=None, help="jaxvlm cache (default $XDG_CACHE_HOME/jaxvlm)"
+    )
+    return parser
+
+
+def _check_flags(args) -> Decoding:
+    """Flag errors that need no model, raised before anything is loaded."""
+    if args.checkpoint is not None:
+        raise ValueError(
+            f"--checkpoint {args.checkpoint}: importing Hugging Face or GGUF checkpoints is not "
+            "available yet (it arrives with real weights); give a jaxvlm run with --workdir"
+        )
+    if args.num_beams < 1:
+        raise ValueError(f"--num-beams must be ≥ 1, got {args.num_beams}")
+    if args.num_beams > 1:
+        raise ValueError(
+            f"--num-beams {args.num_beams}: beam search is not available yet; use --num-beams 1 "
+            "(greedy, or sampling with --temperature)"
+        )
+    if args.length_penalty is not None or args.early_stopping is not None:
+        logger.warning("--length-penalty and --early-stopping apply to beam search only: ignored")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be ≥ 1, got {args.max_new_tokens}")
+    if not args.prompt and not args.chat:
+        raise ValueError("give at least one --prompt TEXT, or --chat")
+    if args.chat and args.no_template:
+        raise ValueError("--chat keeps the conversation in the chat template: drop --no-template")
+    try:
+        decoding = Decoding(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    except ValueError as error:  # name the flag: "Decoding.top_k" → "--top-k"
+        raise ValueError(str(error).replace("Decoding.", "--").replace("_", "-")) from None
+    if decoding.greedy and (args.top_k or args.top_p != 1):
+        logger.warning("--top-k and --top-p apply to sampling only (--temperature > 0): ignored")
+    return decoding
+
+
+def _images_per_prompt(num_prompts: int, images: list) -> list[list]:
+    """One prompt: every image; several: one image per prompt, or none."""
+    if num_prompts <= 1:
+        return [list(images)] * num_prompts
+    if not images:
+        return [[] for _ in range(num_prompts)]
+    if len(images) != num_prompts:
+        raise ValueError(
+            f"{len(images)} --image files for {num_prompts} prompts: with several prompts give "
+            "one image per prompt, in order, or none"
+        )
+    return [[image] for image in images]
+
+
+def _print(result: GeneratedText, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids}))
+    else:
+        print(" ".join(result.text.splitlines()))
+    sys.stdout.flush()
+
+
+def _chat(run, args, images: list, settings: dict) -> None:
+    """Turn by turn: the --prompt values first, then stdin lines, until an empty line or EOF."""
+    if _PromptFormat.of(run, use_template=True).template is None:
+        raise ValueError(
+            f"--chat needs a chat template; the run in {run.workdir} was trained on plain text "
+            "(config.data.task='text') and has none: use --prompt"
+        )
+    if sys.stdin.isatty():
+        print("chat: type a message; an empty line or end of input ends", file=sys.stderr)
+    queued = list(args.prompt)
+    history: list[dict[str, str]] = []
+    while True:
+        line = queued.pop(0) if queued else sys.stdin.readline()
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            return
+        [result] = answer(
+            run, [line], [images], history=history, example_indices=[len(history) // 2], **settings
+        )
+        _print(result, args.json)
+        history += [
+            {"role": "user", "content": line},
+            {"role": "assistant", "content": result.text},
+        ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m jaxvlm.generate` (see the module docstring, which is its --help)."""
+    args = _parser().parse_args(argv)
+    cli.setup_logging()
+    with cli.user_errors(PROGRAM):
+        decoding = _check_flags(args)
+        per_prompt = [] if args.chat else _images_per_prompt(len(args.prompt), args.image)
+        from jaxvlm.data import preprocessing
+
+        loaded = {path: preprocessing.load_image(path) for path in dict.fromkeys(args.image)}
+        cache_dir = cli.cache_dir_from(args.cache_dir)
+        cli.start_runtime(cache_dir)
+        from jaxvlm import evaluate
+
+        run = evaluate.load_run(args.workdir, cache_dir=cache_dir, step=args.step)
+        settings = dict(
+            use_template=not args.no_template,
+            max_new_tokens=args.max_new_tokens,
+            decoding=decoding,
+            seed=args.seed,
+        )
+        if args.chat:
+            try:
+                _chat(run, args, [loaded[path] for path in args.image], settings)
+            except KeyboardInterrupt:  # Ctrl-C ends a chat too, without a traceback
+                print(file=sys.stderr)
+            return
+        images = [[loaded[path] for path in row] for row in per_prompt]
+        for result in answer(run, args.prompt, images, **settings):
+            _print(result, args.json)
+
+
+if __name__ == "__main__":
+    main()

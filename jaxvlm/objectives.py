@@ -56,9 +56,11 @@ def next_token_targets(tokens, loss_mask):
 
 
 def lm_loss(model, params, batch, rng, *, mesh, config):
-    """Next-token cross-entropy over the positions `batch["loss_mask"]` marks."""
+    """Next-token cross-entropy over the positions `batch["loss_mask"]` marks (for a VLM batch,
+    with its "images" and "image_mask")."""
     del rng, mesh
-    output = model.apply({"params": params}, batch["tokens"], mask=batch["mask"])
+    images = {key: batch[key] for key in ("images", "image_mask") if key in batch}
+    output = model.apply({"params": params}, batch["tokens"], mask=batch["mask"], **images)
     targets, weights = next_token_targets(batch["tokens"], batch["loss_mask"])
     # Score all T positions, the last with weight 0: slicing the logits to T-1 would copy
     # float[B, T-1, V] forward and pad its gradient back to T.

@@ -1,21 +1,35 @@
 """Named predict functions for evaluators: they see these, never the model.
 
-`predict_fns(model, mesh)` returns the subset of `{"logits", "score", "embed_image", "embed_text"}` the
-model supports (`score`: per-example summed next-token NLL and target count), each `fn(params, batch) -> array`, jitted once with batch-sharded inputs.
+`predict_fns(model, mesh)` returns the subset of `{"logits", "score", "embed_image", "embed_text",
+"generate"}` the model supports (`score`: per-example summed next-token NLL and target count), each
+`fn(params, batch) -> array`, jitted once with batch-sharded inputs. `generate` (a VLM or an LM) is
+`fn(params, batch, *, max_new_tokens, eos_id, pad_id, stop_ids=(), decoding=Decoding(), seed=0,
+example_indices=None) -> int32[B, max_new_tokens]`, the tokens of `generate_fn`, the one decode
+path that `generate.answer` uses too.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxvlm import models, objectives, sharding
+from jaxvlm import models, objectives, sharding, vlm
+from jaxvlm.decoding import Decoding, GenerateOutput, generate, llm_decoder
 
 
-def _jit(fn, mesh):
+def _fetch(output):
+    if not output.is_fully_addressable:  # multi-process: every process gets the whole result
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(output, tiled=True)
+    return jax.device_get(output)
+
+
+def _jit(fn, mesh, *, fetch: bool = True):
     def traced(params, batch):
         with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
             return fn(params, batch)
@@ -28,11 +42,7 @@ def _jit(fn, mesh):
         }
         with jax.set_mesh(mesh):
             output = jitted(params, batch)
-        if not output.is_fully_addressable:  # multi-process: every process gets the whole result
-            from jax.experimental import multihost_utils
-
-            return multihost_utils.process_allgather(output, tiled=True)
-        return jax.device_get(output)
+        return _fetch(output) if fetch else output
 
     return call
 
@@ -44,6 +54,89 @@ def _sequence_nll(model, params, batch):
     log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
     return jnp.stack([jnp.sum(nll * weights, axis=-1), jnp.sum(weights, axis=-1)], axis=-1)
+
+
+@functools.cache
+def generate_fn(model: nn.Module, mesh) -> Callable:
+    """The one batched decode path of a text-generating model (a prefix `VLM` or a
+    `LanguageModel`), used by the generative evaluators and by `generate.answer`.
+
+    Returns `fn(params, batch, *, max_new_tokens, eos_id, pad_id, stop_ids=(),
+    decoding=None, seed=0, example_indices=None) -> GenerateOutput` (numpy, on the host):
+      batch: "tokens", "mask" int[B, T] — left-padded prompts; for a VLM also "images"
+        float32[B, M, S, S, 3] and "image_mask" bool[B, M] (other keys are ignored). B must be
+        a multiple of the mesh's batch shards.
+      the keywords are those of `jaxvlm.decoding.generate`; `example_indices` int[B] (default
+        arange(B)) key the sampling per example, so batching does not change samples.
+    A VLM's prompt embeddings (image tokens scattered into their slots) are computed once, then
+    the LLM decodes from them with its KV cache. Cached per (model, mesh): one set of programs.
+    """
+    if isinstance(model, vlm.VLM):
+        embed = _jit(
+            lambda params, batch: model.apply(
+                {"params": params},
+                batch["tokens"],
+                batch["images"],
+                batch["image_mask"],
+                method=vlm.VLM.embed_inputs,
+            ),
+            mesh,
+            fetch=False,
+        )
+
+        def prompt_inputs(params, batch):
+            keys = ("tokens", "images", "image_mask")
+            return None, embed(params, {key: batch[key] for key in keys})
+
+    elif isinstance(model, models.LanguageModel):
+
+        def prompt_inputs(params, batch):
+            return jax.device_put(batch["tokens"], sharding.batch_sharding(mesh, 2)), None
+
+    else:
+        raise ValueError(
+            f"{type(model).__name__} does not generate text; only a VLM or a LanguageModel does"
+        )
+    decoder = llm_decoder(model.llm, "llm")
+
+    def fn(
+        params,
+        batch,
+        *,
+        max_new_tokens: int,
+        eos_id: int | None,
+        pad_id: int,
+        stop_ids: tuple[int, ...] = (),
+        decoding: Decoding | None = None,
+        seed: int = 0,
+        example_indices=None,
+    ) -> GenerateOutput:
+        prompt_tokens, prompt_embeddings = prompt_inputs(params, batch)
+        mask = jax.device_put(batch["mask"], sharding.batch_sharding(mesh, 2))
+        with jax.set_mesh(mesh):
+            output = generate(
+                decoder,
+                params,
+                prompt_tokens,
+                mask,
+                prompt_embeddings=prompt_embeddings,
+                max_new_tokens=max_new_tokens,
+                eos_id=eos_id,
+                pad_id=pad_id,
+                stop_ids=stop_ids,
+                decoding=decoding or Decoding(),
+                seed=seed,
+                example_indices=example_indices,
+            )
+        return jax.tree.map(_fetch, output)
+
+    return fn
+
+
+def _generated_tokens(model, mesh) -> Callable:
+    """The evaluators' "generate": `generate_fn` returning only the tokens, int32[B, N]."""
+    decode = generate_fn(model, mesh)
+    return lambda params, batch, **kwargs: decode(params, batch, **kwargs).tokens
 
 
 def predict_fns(model: nn.Module, mesh) -> dict[str, Callable]:
@@ -63,4 +156,7 @@ def predict_fns(model: nn.Module, mesh) -> dict[str, Callable]:
             batch["text_mask"],
             method=models.DualEncoder.embed_text,
         )
-    return {name: _jit(fn, mesh) for name, fn in fns.items()}
+    jitted = {name: _jit(fn, mesh) for name, fn in fns.items()}
+    if isinstance(model, (vlm.VLM, models.LanguageModel)):
+        jitted["generate"] = _generated_tokens(model, mesh)
+    return jitted

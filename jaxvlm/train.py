@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from jaxvlm import (
+    backbones,
     cache,
     checkpoint,
     config_utils,
@@ -212,12 +213,17 @@ def setup_data(config: ml_collections.ConfigDict, cache_dir: Path, mesh) -> Trai
             f"{process_count} processes"
         )
     split = tuple(config.data.split)
-    if config.data.task == "captions":
+    if config.data.task != "text":
         if len(split) != 1:
             raise config_utils.ConfigError(
-                f"config.data.split={split}: the captions task reads one scene split"
+                f"config.data.split={split}: the {config.data.task} task reads one scene split"
             )
         split = split[0]
+    conversation = None
+    if config.data.task in ("llava_captions", "instructions"):
+        from jaxvlm import vlm
+
+        conversation = vlm.conversation_format(config, tokenizer)
     iterator = data_lib.make_train_iterator(
         config.data.task,
         world,
@@ -230,6 +236,8 @@ def setup_data(config: ml_collections.ConfigDict, cache_dir: Path, mesh) -> Trai
         process_index=jax.process_index(),
         process_count=process_count,
         worker_count=config.data.worker_count,
+        conversation=conversation,
+        texts_per_row=config.data.texts_per_row,
     )
     return TrainData(world, tokenizer, preprocessing, iterator, config.data.batch_size, mesh)
 
@@ -246,9 +254,10 @@ def train(
     Returns `{"step", "losses": {step: loss}, "evals": {name: {metric: value}}, "state"}`.
     """
     config_utils.validate(config)
-    config_utils.make_source_paths_absolute(config)
     workdir = Path(workdir).absolute()
     cache_dir = cache.resolve(cache_dir)
+    backbones.resolve_sources(config, cache_dir)
+    config_utils.make_source_paths_absolute(config)
     is_main = jax.process_index() == 0
     mesh = setup_mesh(config, devices)
     data = setup_data(config, cache_dir, mesh)

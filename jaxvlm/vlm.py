@@ -150,3 +150,33 @@ def vlm_example_inputs(config: ml_collections.ConfigDict) -> tuple[tuple, dict]:
     images = jnp.zeros((1, 1, size, size, 3), jnp.float32)
     tokens = jnp.zeros((1, config.data.max_text_len), jnp.int32)
     return (tokens, images, jnp.ones((1, 1), bool)), {"mask": jnp.ones_like(tokens)}
+
+
+def tokens_per_image(config: ml_collections.ConfigDict) -> int:
+    """N, the bridge tokens one image becomes (computed abstractly; nothing is allocated)."""
+    model = build_vlm(config)
+    (_, images, image_mask), _ = vlm_example_inputs(config)
+
+    def embed(rng):
+        return model.init_with_output(rng, images, image_mask, method=VLM.embed_images)[0]
+
+    return int(jax.eval_shape(embed, jax.random.key(0)).shape[2])
+
+
+def conversation_format(
+    config: ml_collections.ConfigDict, tokenizer, *, max_len: int | None = None
+):
+    """How this VLM's conversations are tokenised: `config.template`, the `<image>` id expanded to
+    `tokens_per_image(config)` slots, `config.data` mix and prompts; `max_len` defaults to
+    `config.data.max_text_len`."""
+    from jaxvlm.data import chat, conversations
+
+    return conversations.ConversationFormat(
+        tokenizer=tokenizer,
+        template=chat.ChatTemplate.from_config(config.template),
+        image_token_id=config.data.image_token_id,
+        tokens_per_image=tokens_per_image(config),
+        max_len=config.data.max_text_len if max_len is None else max_len,
+        mix=dict(config.data.instruction_mix),
+        vqa_prompt=config.data.vqa_prompt,
+    )

@@ -12,7 +12,7 @@ from absl import flags  # noqa: E402
 # grain worker processes read absl flags (RECIPES.md).
 flags.FLAGS.mark_as_parsed()
 
-from helpers import CONFIGS  # noqa: E402
+from helpers import CONFIGS, QUICKSTART_OVERRIDES  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +43,16 @@ def mesh_2x4():
     from jaxvlm import sharding
 
     return sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+
+
+@pytest.fixture(scope="session")
+def quickstart_workdir(tmp_path_factory, cache_dir):
+    """A finished shrunk `python -m jaxvlm.quickstart` workdir (slow: ~1 min), shared by the
+    quickstart, CLI and notebook tests."""
+    from pathlib import Path
+
+    from jaxvlm import quickstart
+
+    workdir = Path(tmp_path_factory.mktemp("quickstart"))
+    quickstart.run(workdir, cache_dir, CONFIGS, size="tiny", overrides=QUICKSTART_OVERRIDES)
+    return workdir

@@ -121,9 +121,13 @@ def test_evaluate_cli_json_and_missing_step(tiny_vit_workdir, cache_dir, capsys)
     assert "Traceback" not in error
 
 
-def test_evaluate_without_checkpoint_is_one_clear_line(tmp_path, capsys):
+@pytest.mark.parametrize("exists, message", [(False, "does not exist"), (True, "no checkpoints")])
+def test_evaluate_without_checkpoint_is_one_clear_line(tmp_path, capsys, exists, message):
+    workdir = tmp_path / "nothing"
+    if exists:
+        workdir.mkdir()
     with pytest.raises(SystemExit):
-        evaluate.main(["--workdir", str(tmp_path / "nothing")])
+        evaluate.main(["--workdir", str(workdir)])
     error = capsys.readouterr().err.strip()
-    assert error.startswith("jaxvlm.evaluate: error:") and "checkpoints" in error
+    assert error.startswith("jaxvlm.evaluate: error:") and message in error
     assert len(error.splitlines()) == 1

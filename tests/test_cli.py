@@ -12,6 +12,7 @@ from helpers import REPO
     [
         ("jaxvlm.train", "--config"),
         ("jaxvlm.evaluate", "--workdir"),
+        ("jaxvlm.generate", "--prompt"),
         ("jaxvlm.quickstart", "--workdir"),
         ("jaxvlm.data.world", "--held-out"),
     ],

@@ -5,28 +5,55 @@ import subprocess
 import sys
 
 import pytest
-from helpers import CONFIGS, REPO
+from helpers import CONFIGS, QUICKSTART_OVERRIDES, REPO
 
 from jaxvlm import quickstart
 
+ROWS = ("backbone_vit", "backbone_lm", "blind", "llava_stage1", "llava_stage2")
+
 
 @pytest.mark.slow
-def test_quickstart_writes_metrics_and_skips_finished_phases(tmp_path, cache_dir):
-    workdir = tmp_path / "qs"
-    quickstart.run(workdir, cache_dir, CONFIGS, size="tiny")
-    data = json.loads((workdir / "metrics.json").read_text())
-    assert {"world", "backbone_vit", "backbone_lm"} <= set(data["timings_s"])
+def test_quickstart_writes_every_row_and_stage2_beats_blind(quickstart_workdir):
+    data = json.loads((quickstart_workdir / "metrics.json").read_text())
+    assert set(data["timings_s"]) == {
+        "world",
+        "backbone_vit",
+        "backbone_lm",
+        "llava_stage1",
+        "llava_stage2",
+    }
+    assert set(data["results"]) == set(ROWS)
     for split in ("test", "test_novel"):
         assert 0 <= data["results"]["backbone_vit"][split]["r1_image_to_text"] <= 100
         assert data["results"]["backbone_lm"][split]["perplexity"] > 1
-    assert (workdir / "backbone_vit" / "checkpoints").is_dir()
-    assert "| backbone_lm | test | perplexity |" in (workdir / "report.md").read_text()
+        for row in ("blind", "llava_stage1", "llava_stage2"):
+            assert set(data["results"][row][split]) == {"vqa_accuracy", "cider"}
+    stage2, blind = data["results"]["llava_stage2"]["test"], data["results"]["blind"]["test"]
+    assert stage2["vqa_accuracy"] > blind["vqa_accuracy"]
+    for row in ("backbone_vit", "backbone_lm", "llava_stage1", "llava_stage2"):
+        assert (quickstart_workdir / row / "checkpoints").is_dir()
+    report = (quickstart_workdir / "report.md").read_text()
+    assert "| llava_stage2 | test |" in report and "loss_curves.png" in report
+    assert (quickstart_workdir / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
 
-    first = data["timings_s"]["backbone_lm"]
-    quickstart.run(workdir, cache_dir, CONFIGS, size="tiny")
-    again = json.loads((workdir / "metrics.json").read_text())
-    assert again["results"] == data["results"]
-    assert again["timings_s"]["backbone_lm"] < first  # reused, not retrained
+
+@pytest.mark.slow
+def test_quickstart_rerun_skips_finished_phases(quickstart_workdir, cache_dir):
+    before = json.loads((quickstart_workdir / "metrics.json").read_text())
+    quickstart.run(
+        quickstart_workdir, cache_dir, CONFIGS, size="tiny", overrides=QUICKSTART_OVERRIDES
+    )
+    after = json.loads((quickstart_workdir / "metrics.json").read_text())
+    assert after["results"] == before["results"]
+    for phase in ("backbone_lm", "llava_stage1", "llava_stage2"):
+        assert after["timings_s"][phase] < before["timings_s"][phase]  # reused, not retrained
+
+
+def test_unknown_bridge_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        quickstart.main(["--bridges", "llava,flamingoo", "--workdir", "/nonexistent/q"])
+    error = capsys.readouterr().err.strip()
+    assert "flamingoo" in error and "known: llava" in error and len(error.splitlines()) == 1
 
 
 def test_quickstart_help_and_missing_configs_dir(tmp_path):
@@ -37,7 +64,7 @@ def test_quickstart_help_and_missing_configs_dir(tmp_path):
         text=True,
         timeout=120,
     )
-    assert result.returncode == 0 and "--workdir" in result.stdout
+    assert result.returncode == 0 and "--workdir" in result.stdout and "--bridges" in result.stdout
     result = subprocess.run(
         [
             sys.executable,

@@ -125,3 +125,46 @@ def test_call_gives_logits():
     out = _model().apply({"params": _params()}, tokens, images, mask, mask=jnp.ones_like(tokens))
     assert out.logits.shape == (2, T, VOCAB)
     assert np.isfinite(np.asarray(out.logits)).all()
+
+
+def test_llava_batches_put_the_image_tokens_on_their_placeholders(tiny_config, cache_dir):
+    """A real "llava_captions" batch and the tiny LLaVA model agree on N and on the slots."""
+    from jaxvlm import data
+    from jaxvlm.vlm import build_vlm, conversation_format, tokens_per_image
+
+    config = tiny_config("llava", stage=1)
+    tokenizer = data.world_tokenizer()
+    fmt = conversation_format(config, tokenizer)
+    iterator = data.make_train_iterator(
+        "llava_captions",
+        data.open_world(config.data.world, cache_dir),
+        tokenizer,
+        data.ImagePreprocessing.from_config(config.preprocessing),
+        split="train",
+        global_batch_size=2,
+        max_text_len=config.data.max_text_len,
+        seed=0,
+        conversation=fmt,
+    )
+    batch = next(iterator)
+    iterator.close()
+    tokens, images, image_mask = batch["tokens"], batch["images"], batch["image_mask"]
+    model = build_vlm(config)
+
+    @jax.jit
+    def embed(tokens, images, image_mask):
+        variables = model.init(
+            jax.random.key(0), tokens, images, image_mask, method=VLM.embed_inputs
+        )
+        embedded = model.apply(variables, tokens, images, image_mask, method=VLM.embed_inputs)
+        bridge = model.apply(variables, images, image_mask, method=VLM.embed_images)
+        text = model.apply(variables, tokens, method=lambda m, t: m.llm.embed(t))
+        return embedded, bridge, text
+
+    embedded, bridge, text = embed(tokens, images, image_mask)
+    assert bridge.shape[2] == fmt.tokens_per_image == tokens_per_image(config)
+    for row in range(2):
+        slots = np.flatnonzero(tokens[row] == config.data.image_token_id)
+        np.testing.assert_allclose(embedded[row, slots], bridge[row, 0], rtol=1e-6)
+        rest = np.setdiff1d(np.arange(tokens.shape[1]), slots)
+        np.testing.assert_allclose(embedded[row, rest], text[row, rest], rtol=1e-6)

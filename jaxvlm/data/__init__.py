@@ -5,16 +5,21 @@ point; the package does not import it, so running it as `__main__` loads it only
 """
 
 from jaxvlm.data.builder import JaxvlmWorld, decode_record
+from jaxvlm.data.chat import ChatTemplate, TokenizationMismatch
+from jaxvlm.data.conversations import ConversationFormat
 from jaxvlm.data.grammar import grammar_words
 from jaxvlm.data.pipeline import (
     TASKS,
+    PromptSet,
     RetrievalSet,
     TrainIterator,
     batches,
+    caption_prompts,
     eval_texts,
     make_train_iterator,
     retrieval_pairs,
     retrieval_set,
+    vqa_prompts,
 )
 from jaxvlm.data.preprocessing import ImagePreprocessing, load_image
 from jaxvlm.data.sources import RecordSource, TextSource, text_source
@@ -62,8 +67,14 @@ __all__ = [
     "TRAINING_SPLITS",
     "WORLD_SPECIAL_TOKENS",
     "AddLossMask",
+    "ChatTemplate",
+    "ConversationFormat",
     "ImagePreprocessing",
     "JaxvlmWorld",
+    "PromptSet",
+    "TokenizationMismatch",
+    "caption_prompts",
+    "vqa_prompts",
     "NormalizeImage",
     "PadTokens",
     "PickCaption",

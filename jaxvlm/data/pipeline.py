@@ -14,7 +14,8 @@ Tasks and their batches (B = local batch, S = image size, T = max_text_len):
                example, with bos and eos.
   "text":     {"tokens": int32[B, T], "mask": int32[B, T], "loss_mask": int32[B, T] (1 where the
                token is a next-token target: real and not the first)}; texts only (captions,
-               "question? answer" pairs, instruction turns) of the given split(s).
+               "question? answer" pairs, instruction turns) of the given split(s), one per row or
+               `texts_per_row` concatenated.
 
 Evaluation sources have `__len__` / `__getitem__` and hold exactly the split's readable records;
 `batches(source, batch_size)` pads the last batch and marks padding in "valid".
@@ -29,11 +30,11 @@ from collections.abc import Iterator, Sequence
 import grain
 import numpy as np
 
-from jaxvlm.data import sources, transforms
+from jaxvlm.data import conversations, sources, transforms
 from jaxvlm.data.preprocessing import ImagePreprocessing
 from jaxvlm.data.tokenizer import Tokenizer
 
-TASKS: tuple[str, ...] = ("captions", "text")
+TASKS: tuple[str, ...] = ("captions", "text", "llava_captions", "instructions")
 CAPTION_KEYS = ("image", "text_tokens", "text_mask")
 TEXT_KEYS = ("tokens", "mask", "loss_mask")
 # Each element read ahead is a whole local batch, so a short buffer is enough.
@@ -129,6 +130,8 @@ def make_train_iterator(
     process_index: int = 0,
     process_count: int = 1,
     worker_count: int = 0,
+    conversation: conversations.ConversationFormat | None = None,
+    texts_per_row: int = 1,
 ) -> TrainIterator:
     """An infinite, resumable iterator of this process's slice of the global batches.
 
@@ -145,6 +148,10 @@ def make_train_iterator(
       process_index: this process, in [0, process_count).
       process_count: P.
       worker_count: grain worker processes (0: read in this process).
+      texts_per_row: "text" only: k consecutive texts (each with bos and eos) are concatenated
+        into one row, cut at T (GPT-style packing, attention across texts).
+      conversation: how scenes become conversations ("llava_captions", "instructions"; see
+        `conversations.py`); its max_len replaces `max_text_len`.
     """
     if task not in TASKS:
         raise ValueError(f"unknown data task {task!r}; tasks: {', '.join(TASKS)}")
@@ -162,10 +169,34 @@ def make_train_iterator(
         dataset = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
         dataset = dataset.random_map(transforms.PickCaption(), seed=seed)
         steps = _caption_transforms(tokenizer, preprocessing, max_text_len, text_key="text")
-    else:
+    elif task == "text":
         source = sources.text_source(world, split)
         dataset = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
         steps = _text_transforms(tokenizer, max_text_len)
+        if texts_per_row > 1:
+            # Consecutive texts share a row, so the LM learns every position up to its context.
+            dataset = dataset.map(transforms.TokenizeText(tokenizer))
+            dataset = dataset.batch(texts_per_row, batch_fn=_concatenate_ids)
+            steps = steps[1:]
+    else:
+        if conversation is None or preprocessing is None:
+            raise ValueError(
+                f"the {task} task needs a ConversationFormat and an ImagePreprocessing"
+            )
+        source = sources.RecordSource(
+            world.as_data_source(split),
+            conversations.scene_parser(world.config.image_size),
+            name=f"scenes/{split}",
+        )
+        dataset = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+        if task == "llava_captions":
+            pick = conversations.CaptionAsInstruction(conversation.caption_prompts)
+        else:
+            pick = conversations.PickInstruction(conversation)
+        dataset = dataset.random_map(pick, seed=seed)
+        encode = conversations.EncodeConversation(conversation, preprocessing)
+        dataset = dataset.map_with_index(encode)
+        steps = []
     for step in steps:
         dataset = dataset.map(step)
     local_batch_size = global_batch_size // process_count
@@ -178,6 +209,10 @@ def make_train_iterator(
             grain.MultiprocessingOptions(num_workers=worker_count)
         )
     return TrainIterator(iter(iter_dataset), source)
+
+
+def _concatenate_ids(examples: list[dict]) -> dict:
+    return {"ids": [token for example in examples for token in example["ids"]]}
 
 
 def retrieval_pairs(
@@ -242,10 +277,19 @@ def retrieval_set(
 def eval_texts(
     world, split: str | Sequence[str], tokenizer: Tokenizer, *, max_text_len: int
 ) -> grain.MapDataset:
-    """The texts of `split` (e.g. "validation") for perplexity: example i is {"tokens", "mask",
-    "loss_mask"}, each int32[T], as in the "text" training task."""
-    dataset = grain.MapDataset.source(sources.text_source(world, split))
-    for step in _text_transforms(tokenizer, max_text_len):
+    """The texts of `split` (e.g. "validation") for perplexity, one per row: example i is
+    {"tokens", "mask", "loss_mask"}, each int32[T], as in the "text" training task, with T the
+    longest text (bos and eos included) rounded up to 8, at most `max_text_len`."""
+    source = sources.text_source(world, split)
+    longest = (
+        max(
+            len(ids)
+            for ids in tokenizer.encode_batch([source[i]["text"] for i in range(len(source))])
+        )
+        + 2
+    )
+    dataset = grain.MapDataset.source(source)
+    for step in _text_transforms(tokenizer, min(max_text_len, -(-longest // 8) * 8)):
         dataset = dataset.map(step)
     return dataset
 
@@ -268,3 +312,79 @@ def batches(source, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
             np.int32
         )
         yield batch
+
+
+def _eval_scenes(world, split: str) -> sources.RecordSource:
+    parse = conversations.scene_parser(world.config.image_size)
+    return sources.RecordSource(world.as_data_source(split), parse, name=f"scenes/{split}")
+
+
+def _subset(size: int, num_examples: int, seed: int = 0) -> np.ndarray:
+    """The first `num_examples` of a fixed permutation of range(size) (all when 0)."""
+    order = np.random.default_rng(seed).permutation(size)
+    return order if num_examples <= 0 else np.sort(order[:num_examples])
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSet:
+    """Generation prompts with references. prompts: example i is {"tokens", "mask" int32[T]
+    (left-padded), "images" float32[1, S, S, 3], "image_mask" bool[1]}; references[i]: the
+    reference texts of example i (10 VQA answers, or the captions)."""
+
+    prompts: grain.MapDataset
+    references: list[list[str]]
+
+
+def vqa_prompts(
+    world,
+    split: str,
+    fmt: conversations.ConversationFormat,
+    preprocessing: ImagePreprocessing,
+    *,
+    prompt: str,
+    num_examples: int = 0,
+    blind: bool = False,
+) -> PromptSet:
+    """The split's VQAv2-style questions (a fixed subset of `num_examples`, 0 = all), each asked
+    with `prompt` ("{question}" slot) about its image."""
+    scenes = _eval_scenes(world, split)
+    pairs = [
+        (scene, number)
+        for scene in range(len(scenes))
+        for number in range(len(scenes[scene]["questions"]))
+    ]
+    pairs = [pairs[i] for i in _subset(len(pairs), num_examples)]
+
+    def make(pair):
+        scene, number = pair
+        record = scenes[scene]
+        text = prompt.format(question=record["questions"][number]["question"])
+        return conversations.prompt_example(fmt, text, record["image"], preprocessing, blind=blind)
+
+    references = [scenes[scene]["questions"][number]["answers"] for scene, number in pairs]
+    return PromptSet(grain.MapDataset.source(pairs).map(make), references)
+
+
+def caption_prompts(
+    world,
+    split: str,
+    fmt: conversations.ConversationFormat,
+    preprocessing: ImagePreprocessing,
+    *,
+    prompt: str,
+    num_examples: int = 0,
+    blind: bool = False,
+) -> PromptSet:
+    """The split's images (a fixed subset of `num_examples`, 0 = all), each with `prompt`; the
+    references are all of the image's captions."""
+    scenes = _eval_scenes(world, split)
+    indices = _subset(len(scenes), num_examples).tolist()
+
+    def make(scene):
+        record = scenes[scene]
+        return conversations.prompt_example(
+            fmt, prompt, record["image"], preprocessing, blind=blind
+        )
+
+    references = [scenes[scene]["captions"] for scene in indices]
+    return PromptSet(grain.MapDataset.source(indices).map(make), references)

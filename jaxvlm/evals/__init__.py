@@ -1,27 +1,32 @@
 """The `EVALUATORS` table and the glue that runs evaluators during and after training.
 
-`config.evals = {name: dict(type=<EVALUATORS key>, split=..., every_steps=N, batch_size=...)}`;
-`every_steps=0` evaluates only at the end of training. An evaluator is
-`Evaluator(predict_fns, *, data, batch_size)` with `run(params) -> {metric: value}`; it never imports
-the model (STYLE.md §10).
+`config.evals = {name: dict(type=<EVALUATORS key>, split=..., every_steps=N, batch_size=..., ...)}`;
+`every_steps=0` evaluates only at the end of training. An evaluator is built from the model's
+predict fns and its examples and has `run(params) -> {metric: value}`; it never imports the model
+(STYLE.md §10). Generative evaluators (`vqa`, `captioning`) also run blind (INTERFACES.md §3):
+`setup_evals(..., blind=True)` builds them over prompts without the image.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable
 
 from jaxvlm.evals.captioning import cider_d
+from jaxvlm.evals.generative import GenerativeEvaluator, score_captions, score_vqa
 from jaxvlm.evals.perplexity import PerplexityEvaluator
 from jaxvlm.evals.retrieval import RetrievalEvaluator, recall_at_k
 from jaxvlm.evals.vqa import mean_vqa_accuracy, normalize_answer, vqa_accuracy
 
 __all__ = [
     "EVALUATORS",
+    "GenerativeEvaluator",
     "PerplexityEvaluator",
     "RetrievalEvaluator",
     "cider_d",
+    "has_generative",
     "mean_vqa_accuracy",
     "normalize_answer",
     "recall_at_k",
@@ -32,31 +37,79 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+COMMON_FIELDS = ("type", "split", "every_steps", "batch_size")
+GENERATIVE_FIELDS = (*COMMON_FIELDS, "num_examples", "prompt", "max_new_tokens")
+
 
 @dataclasses.dataclass(frozen=True)
 class EvaluatorSpec:
-    """An evaluator class and how to load its examples from the world."""
+    """How to build an evaluator: `build(predict_fns, context, fields, batch_size, blind)`, where
+    `context` holds the world, tokenizer, preprocessing and config; its config fields; and whether
+    it generates text (and so has a blind baseline)."""
 
-    evaluator: type
-    load_data: Callable  # (world, split, tokenizer, preprocessing, max_text_len) -> data
-    fields: tuple[str, ...] = ("type", "split", "every_steps", "batch_size")
+    build: Callable
+    fields: tuple[str, ...] = COMMON_FIELDS
+    generative: bool = False
 
 
-def _retrieval_data(world, split, tokenizer, preprocessing, max_text_len):
+def _retrieval(fns, context, fields, batch_size, blind):
     from jaxvlm import data
 
-    return data.retrieval_set(world, split, tokenizer, preprocessing, max_text_len=max_text_len)
+    examples = data.retrieval_set(
+        context.world,
+        fields.split,
+        context.tokenizer,
+        context.preprocessing,
+        max_text_len=context.config.data.max_text_len,
+    )
+    return RetrievalEvaluator(fns, data=examples, batch_size=batch_size)
 
 
-def _perplexity_data(world, split, tokenizer, preprocessing, max_text_len):
+def _perplexity(fns, context, fields, batch_size, blind):
     from jaxvlm import data
 
-    return data.eval_texts(world, split, tokenizer, max_text_len=max_text_len)
+    examples = data.eval_texts(
+        context.world,
+        fields.split,
+        context.tokenizer,
+        max_text_len=context.config.data.max_text_len,
+    )
+    return PerplexityEvaluator(fns, data=examples, batch_size=batch_size)
+
+
+def _generative(load_prompts: str, score: Callable, fns, context, fields, batch_size, blind):
+    from jaxvlm import data, vlm
+
+    fmt = vlm.conversation_format(context.config, context.tokenizer)
+    prompts = getattr(data, load_prompts)(
+        context.world,
+        fields.split,
+        fmt,
+        context.preprocessing,
+        prompt=fields.prompt,
+        num_examples=fields.num_examples,
+        blind=blind,
+    )
+    return GenerativeEvaluator(
+        fns,
+        data=prompts,
+        batch_size=batch_size,
+        tokenizer=context.tokenizer,
+        stop=fmt.template.stop,
+        max_new_tokens=fields.max_new_tokens,
+        score=score,
+    )
 
 
 EVALUATORS: dict[str, EvaluatorSpec] = {
-    "retrieval": EvaluatorSpec(RetrievalEvaluator, _retrieval_data),
-    "perplexity": EvaluatorSpec(PerplexityEvaluator, _perplexity_data),
+    "retrieval": EvaluatorSpec(_retrieval),
+    "perplexity": EvaluatorSpec(_perplexity),
+    "vqa": EvaluatorSpec(
+        functools.partial(_generative, "vqa_prompts", score_vqa), GENERATIVE_FIELDS, True
+    ),
+    "captioning": EvaluatorSpec(
+        functools.partial(_generative, "caption_prompts", score_captions), GENERATIVE_FIELDS, True
+    ),
 }
 
 
@@ -67,20 +120,36 @@ class ScheduledEvaluator:
     every_steps: int
 
 
-def setup_evals(config, model, mesh, data) -> list[ScheduledEvaluator]:
+@dataclasses.dataclass(frozen=True)
+class EvalContext:
+    """What evaluators read besides the model: the world, tokenizer, preprocessing, config."""
+
+    world: object
+    tokenizer: object
+    preprocessing: object
+    config: object
+
+
+def setup_evals(config, model, mesh, data, *, blind: bool = False) -> list[ScheduledEvaluator]:
+    """The evaluators of `config.evals` (only the generative ones, over image-free prompts, when
+    `blind`)."""
     from jaxvlm import predict
 
     fns = predict.predict_fns(model, mesh)
+    context = EvalContext(data.world, data.tokenizer, data.preprocessing, config)
     scheduled = []
     for name, fields in config.evals.items():
         spec = EVALUATORS[fields.type]  # names and fields checked by config_utils.validate
-        examples = spec.load_data(
-            data.world, fields.split, data.tokenizer, data.preprocessing, config.data.max_text_len
-        )
+        if blind and not spec.generative:
+            continue
         batch_size = _round_to_shards(fields.batch_size, mesh)
-        evaluator = spec.evaluator(fns, data=examples, batch_size=batch_size)
+        evaluator = spec.build(fns, context, fields, batch_size, blind)
         scheduled.append(ScheduledEvaluator(name, evaluator, fields.every_steps))
     return scheduled
+
+
+def has_generative(config) -> bool:
+    return any(EVALUATORS[fields.type].generative for fields in config.evals.values())
 
 
 def _round_to_shards(batch_size: int, mesh) -> int:

@@ -1,4 +1,4 @@
-"""generate: cache vs full forwards, batching and padding, EOS, sampling keys, top-k/top-p."""
+"""The decode loop: cache vs full forwards, batching, padding, EOS, stop ids, sampling, top-k/p."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from jaxvlm.generate import Decoding, generate, llm_decoder, sample_tokens, top_p_filter
+from jaxvlm.decoding import Decoding, generate, llm_decoder, sample_tokens, top_p_filter
 from jaxvlm.llms.llama import Llama
 from jaxvlm.models import LanguageModel
 
@@ -145,3 +145,67 @@ def test_prefill_from_embeddings_equals_tokens(language_model):
         max_new_tokens=NEW_TOKENS, eos_id=None, pad_id=PAD,
     )  # fmt: skip
     np.testing.assert_array_equal(output.tokens, from_tokens)
+
+
+@pytest.fixture(scope="module")
+def free_generations(language_model):
+    """Greedy generations of PROMPTS without EOS or stop ids."""
+    return _generate(language_model, PROMPTS)[0]
+
+
+def _stop(free, row, start):
+    """The two tokens example `row` generates at steps start, start + 1."""
+    return tuple(free[row, start : start + 2].tolist())
+
+
+def _stop_lengths(free, stop):
+    """Per row, the generated length up to and including the first `stop` run (else all)."""
+    stop, lengths = list(stop), []
+    for row in free.tolist():
+        ends = [
+            i + len(stop) for i in range(len(row) - len(stop) + 1) if row[i : i + len(stop)] == stop
+        ]
+        lengths.append(ends[0] if ends else len(row))
+    return lengths
+
+
+@pytest.mark.parametrize("row, start", [(0, 1), (2, 0)], ids=["later", "first-tokens"])
+def test_stop_ids_end_each_example_after_the_stop_sequence(
+    language_model, free_generations, row, start
+):
+    free, stop = free_generations, _stop(free_generations, row, start)
+    stopped, lengths = _generate(language_model, PROMPTS, stop_ids=stop)
+    expected = _stop_lengths(free, stop)
+    assert expected[row] <= start + 2
+    np.testing.assert_array_equal(lengths, expected)  # the stop ids are counted
+    for index, length in enumerate(expected):
+        np.testing.assert_array_equal(stopped[index, :length], free[index, :length])
+        assert (stopped[index, length:] == PAD).all(), f"example {index}"
+
+
+def test_stop_ids_batched_equals_one_by_one(language_model, free_generations):
+    """Example 0 stops early; the others go on as they do alone (alone: a batch of copies, so
+    the shapes, and the compiled program, are those of the mixed batch)."""
+    stop = _stop(free_generations, 0, 1)
+    batched, batched_lengths = _generate(language_model, PROMPTS, stop_ids=stop)
+    for index, prompt in enumerate(PROMPTS):
+        copies = [prompt] * len(PROMPTS)
+        if len(prompt) < max(map(len, PROMPTS)):  # the same left-padded shape
+            copies[-1] = max(PROMPTS, key=len)
+        alone, alone_lengths = _generate(language_model, copies, stop_ids=stop)
+        np.testing.assert_array_equal(batched[index], alone[0], err_msg=f"example {index}")
+        np.testing.assert_array_equal(batched_lengths[index], alone_lengths[0])
+
+
+def test_eos_or_stop_whichever_comes_first(language_model, free_generations):
+    free, stop = free_generations, _stop(free_generations, 0, 1)
+    eos = int(free[1, 1])  # example 1 ends on EOS by step 1, example 0 on the stop at step 2
+    stopped, lengths = _generate(language_model, PROMPTS, stop_ids=stop, eos_id=eos)
+    by_stop = _stop_lengths(free, stop)
+    for row in range(len(PROMPTS)):
+        hits = np.flatnonzero(free[row] == eos)
+        by_eos = int(hits[0]) + 1 if hits.size else NEW_TOKENS
+        assert lengths[row] == min(by_eos, by_stop[row]), f"example {row}"
+        np.testing.assert_array_equal(stopped[row, : lengths[row]], free[row, : lengths[row]])
+        assert (stopped[row, lengths[row] :] == PAD).all()
+    assert lengths[0] <= 3 and lengths[1] <= 2
