@@ -138,6 +138,7 @@ def base_config() -> ConfigDict:
                 conversation=1.0, detail=1.0, complex_reasoning=1.0, vqa=0.0, caption=0.0
             ),
             vqa_prompt=VQA_PROMPT,  # the short-answer format of "vqa" samples
+            vqa_turns=1,  # questions about one image asked in one "vqa" conversation
         )
     )
     # The conversation template of prefix VLMs (jaxvlm.data.chat.ChatTemplate).

@@ -28,6 +28,7 @@ from jaxvlm import cli
 logger = logging.getLogger("jaxvlm.quickstart")
 
 SPLITS = ("test", "test_novel")
+BACKBONE_SCORES = "quickstart_scores.json"  # a finished backbone's rows, cached in its directory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,10 +166,25 @@ def _backbone(workdir, row, spec, cache_dir, metrics) -> Path:
     if _link(workdir / row, path):
         metrics.drop(row)  # another backbone than the one these rows measured
     if not metrics.has(row):
+        # A backbone never changes once finished, so its scores are cached beside it.
+        scores_file = path / BACKBONE_SCORES
+        scores = json.loads(scores_file.read_text()) if scores_file.is_file() else {}
         for split in SPLITS:
-            scored = evaluate.evaluate_workdir(path, split=split, cache_dir=cache_dir, blind=False)
-            metrics.set(row, split, scored["metrics"])
+            if split not in scores:
+                scored = evaluate.evaluate_workdir(
+                    path, split=split, cache_dir=cache_dir, blind=False
+                )
+                scores[split] = scored["metrics"]
+                if jax_process_index() == 0:
+                    scores_file.write_text(json.dumps(scores, indent=2))
+            metrics.set(row, split, scores[split])
     return path
+
+
+def jax_process_index() -> int:
+    import jax
+
+    return jax.process_index()
 
 
 def _stage_phase(workdir, recipe, stage, spec, cache_dir, metrics, overrides):

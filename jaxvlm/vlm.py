@@ -179,4 +179,5 @@ def conversation_format(
         max_len=config.data.max_text_len if max_len is None else max_len,
         mix=dict(config.data.instruction_mix),
         vqa_prompt=config.data.vqa_prompt,
+        vqa_turns=config.data.vqa_turns,
     )

@@ -9,6 +9,8 @@ from jaxvlm import config_utils, models
 RECIPES = [
     ("backbones_pretrain", "model=vit"),
     ("backbones_pretrain", "model=lm"),
+    ("llava", "stage=1"),
+    ("llava", "stage=2"),
 ]
 
 
@@ -27,6 +29,21 @@ def test_paper_sizes_are_the_papers():
     assert vit.encoder.image_size == 336
     lm = config_utils.load_config(f"{CONFIGS}/backbones_pretrain.py:model=lm,size=paper")
     assert (lm.llm.dim, lm.llm.depth, lm.llm.vocab_size) == (4096, 32, 32000)
+
+
+def test_llava_paper_recipe():
+    from jaxvlm import vlm
+
+    stage1 = config_utils.load_config(f"{CONFIGS}/llava.py:stage=1,size=paper")
+    stage2 = config_utils.load_config(f"{CONFIGS}/llava.py:stage=2,size=paper")
+    assert vlm.tokens_per_image(stage1) == 576  # LLaVA-1.5: 24 × 24 patches at 336 px
+    assert stage1.encoder.feature_layer == -2 and stage1.bridge.projector == "mlp2x_gelu"
+    assert (stage1.optimizer.learning_rate, stage1.data.batch_size) == (2e-3, 128)
+    assert (stage2.optimizer.learning_rate, stage2.data.batch_size) == (2e-5, 32)
+    assert stage1.trainable == ("bridge/.*",) and stage2.trainable == ("bridge/.*", "llm/.*")
+    assert stage2.data.instruction_mix.vqa == 0 and stage2.template.system_message.startswith(
+        "A chat"
+    )
 
 
 def test_misspelt_override_raises_naming_the_key():

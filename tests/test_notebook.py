@@ -25,4 +25,4 @@ def test_quickstart_notebook_executes(quickstart_workdir, cache_dir):
     markdown = "".join(o.get("data", {}).get("text/markdown", "") for o in outputs)
     assert "| llava_stage2 | test |" in markdown and "| blind | test |" in markdown
     saved = json.loads(NOTEBOOK.read_text())  # the notebook on disk keeps its default first cell
-    assert saved["cells"][0]["source"].startswith("# The quickstart workdir")
+    assert "".join(saved["cells"][0]["source"]).startswith("# The quickstart workdir")

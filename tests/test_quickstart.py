@@ -32,6 +32,9 @@ def test_quickstart_writes_every_row_and_stage2_beats_blind(quickstart_workdir):
     assert stage2["vqa_accuracy"] > blind["vqa_accuracy"]
     for row in ("backbone_vit", "backbone_lm", "llava_stage1", "llava_stage2"):
         assert (quickstart_workdir / row / "checkpoints").is_dir()
+    for row in ("backbone_vit", "backbone_lm"):  # scored once, reused by every later quickstart
+        cached = json.loads((quickstart_workdir / row / quickstart.BACKBONE_SCORES).read_text())
+        assert cached == data["results"][row]
     report = (quickstart_workdir / "report.md").read_text()
     assert "| llava_stage2 | test |" in report and "loss_curves.png" in report
     assert (quickstart_workdir / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -6,7 +6,8 @@ Training tasks (batches: "tokens", "mask", "loss_mask" int32[B, T]; "images" flo
       from LLaVA's list, the image before or after the prompt (LLaVA's CC3M-595K framing);
   "instructions"   — stage 2: per example one sample drawn by `ConversationFormat.mix` from the
       scene's LLaVA-Instruct samples ("conversation", "detail", "complex_reasoning"), a short-answer
-      VQA turn ("vqa": `vqa_prompt`, LLaVA-1.5's academic-VQA format) or a brief caption
+      VQA conversation ("vqa": up to `vqa_turns` of the scene's questions, each asked with
+      `vqa_prompt` and answered in a word, LLaVA-1.5's academic-VQA format) or a brief caption
       ("caption").
 The loss covers the assistant turns only (`chat.encode_conversation`).
 
@@ -43,6 +44,7 @@ class ConversationFormat:
       max_len: T; longer conversations are cut at T (never inside the image slots).
       mix: {instruction type: weight} for the "instructions" task.
       vqa_prompt: the short-answer prompt, "{question}" marking the question.
+      vqa_turns: a "vqa" sample asks up to this many of the scene's questions, one per turn.
       caption_prompts: prompts for brief captions (one is drawn per example in training).
     """
 
@@ -55,6 +57,7 @@ class ConversationFormat:
         default_factory=lambda: {"conversation": 1.0, "detail": 1.0, "complex_reasoning": 1.0}
     )
     vqa_prompt: str = "{question}\nAnswer the question using a word or phrase."
+    vqa_turns: int = 1
     caption_prompts: tuple[str, ...] = instructions.BRIEF_PROMPTS
 
     def __post_init__(self):
@@ -66,6 +69,8 @@ class ConversationFormat:
             )
         if not any(weight > 0 for weight in self.mix.values()):
             raise ValueError(f"instruction mix {dict(self.mix)} has no positive weight")
+        if self.vqa_turns < 1:
+            raise ValueError(f"vqa_turns={self.vqa_turns} must be ≥ 1")
         if "{question}" not in self.vqa_prompt:
             raise ValueError(f"vqa_prompt {self.vqa_prompt!r} has no {{question}} slot")
 
@@ -126,6 +131,7 @@ class PickInstruction(grain.transforms.RandomMap):
         weights = np.asarray([fmt.mix[name] for name in self.types], np.float64)
         self.probabilities = weights / weights.sum()
         self.vqa_prompt = fmt.vqa_prompt
+        self.vqa_turns = fmt.vqa_turns
         self.caption = CaptionAsInstruction(fmt.caption_prompts)
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
@@ -133,12 +139,18 @@ class PickInstruction(grain.transforms.RandomMap):
         if kind == "caption":
             return self.caption.random_map(element, rng)
         if kind == "vqa":
-            question = element["questions"][int(rng.integers(len(element["questions"])))]
-            prompt = self.vqa_prompt.format(question=question["question"])
-            messages = [
-                {"role": "user", "content": _user_turn(prompt, rng)},
-                {"role": "assistant", "content": question["multiple_choice_answer"]},
-            ]
+            # LLaVA-1.5 merges the QA pairs of one image into one multi-turn conversation.
+            questions = element["questions"]
+            count = min(len(questions), self.vqa_turns)
+            picks = rng.choice(len(questions), size=count, replace=False)
+            messages = []
+            for turn, index in enumerate(picks):
+                prompt = self.vqa_prompt.format(question=questions[int(index)]["question"])
+                answer = questions[int(index)]["multiple_choice_answer"]
+                messages.append(
+                    {"role": "user", "content": _user_turn(prompt, rng) if turn == 0 else prompt}
+                )
+                messages.append({"role": "assistant", "content": answer})
         else:
             sample = next(s for s in element["instructions"] if s["type"] == kind)
             messages = chat.from_llava_turns(sample["conversations"])

@@ -31,8 +31,11 @@ CHATML = (
 
 @pytest.fixture(scope="module")
 def vicuna(tiny_config):
-    """The template the recipes ship (configs/common.py), read from the LLaVA config."""
-    return ChatTemplate.from_config(tiny_config("llava").template)
+    """The template the recipes ship (configs/common.py), read from the LLaVA config with the
+    Vicuna system message that `size=paper` keeps (the world sizes drop it)."""
+    return ChatTemplate.from_config(
+        tiny_config("llava", {"template.system_message": SYSTEM}).template
+    )
 
 
 def _runs(mask):

@@ -21,6 +21,7 @@ VQA_ONLY = {
     "data.instruction_mix.complex_reasoning": 0.0,
     "data.instruction_mix.vqa": 1.0,
     "data.instruction_mix.caption": 0.0,
+    "data.vqa_turns": 1,  # one question per sample (several: test_vqa_turns_...)
 }
 
 
@@ -150,7 +151,8 @@ def _candidate_conversations(scene, fmt):
 def test_instruction_rows_are_their_scenes_conversations(setup, tiny_config):
     """Each row is one of its scene's samples, encoded and cut at T; the loss is its answers."""
     _, tokenizer, _, scenes = setup
-    config = tiny_config("llava", stage=2)
+    # One question per "vqa" sample, so that every candidate can be listed (several turns: below).
+    config = tiny_config("llava", {"data.vqa_turns": 1}, stage=2)
     assert config.data.task == "instructions"
     fmt = vlm.conversation_format(config, tokenizer)
     length = config.data.max_text_len
@@ -221,10 +223,10 @@ def test_seeded_and_resumable(setup, tiny_config):
 
 
 def test_max_text_len_that_cuts_the_image_slots_raises(setup, tiny_config):
-    # 16 image slots after a ~36-token system prompt do not fit in 40.
-    config = tiny_config("llava", {"data.max_text_len": 40}, stage=1)
+    # 16 image slots after "###Human:" (the world recipes drop the system message) do not fit in 12.
+    config = tiny_config("llava", {"data.max_text_len": 12}, stage=1)
     iterator = _iterator(setup, config)
-    with pytest.raises(ValueError, match=r"sample 0 .* max_text_len=40 would cut \d+ image tokens"):
+    with pytest.raises(ValueError, match=r"sample 0 .* max_text_len=12 would cut \d+ image tokens"):
         next(iterator)
     iterator.close()
 
@@ -292,3 +294,25 @@ def test_training_conversation_gets_one_image_or_refuses(setup, question):
     vlm.check_placeholders(
         example["tokens"][None], example["image_mask"][None], 3, image_token_id=4
     )
+
+
+def test_vqa_turns_ask_several_questions_about_one_image(setup, tiny_config):
+    _, tokenizer, _, scenes = setup
+    config = tiny_config(
+        "llava", {**VQA_ONLY, "data.vqa_turns": 3, "data.max_text_len": 160}, stage=2
+    )
+    stop = tokenizer.encode("###")
+    batch = _take(_iterator(setup, config), 1)[0]
+    _check_batch(batch, config, vlm.tokens_per_image(config))
+    for row in range(BATCH):
+        scene = scenes[_image_key(batch["images"][row, 0])]
+        tokens = batch["tokens"][row].tolist()
+        asked = [
+            q for q in scene["questions"] if _contains(tokens, tokenizer.encode(q["question"]))
+        ]
+        assert len(asked) == min(3, len(scene["questions"]))
+        assert (batch["tokens"][row] == 4).sum() == vlm.tokens_per_image(config)  # one image
+        answers = [tokenizer.encode(q["multiple_choice_answer"]) + stop for q in asked]
+        assert sorted(_answer_ids(batch, row)) == sorted(
+            sum(answers, [])
+        )  # every answer, only them
