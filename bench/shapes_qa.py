@@ -90,6 +90,13 @@ def main() -> None:
     print(
         f"drawn shapes: colour accuracy {100 * np.mean(correct):.1f}% over {args.num} (chance 25%)"
     )
+    by_colour: dict[str, list[bool]] = {}
+    for (_, _, colour), right in zip(drawn, correct, strict=True):
+        by_colour.setdefault(colour, []).append(right)
+    print(
+        "  by colour: "
+        + ", ".join(f"{c} {100 * np.mean(v):.0f}% (n={len(v)})" for c, v in by_colour.items())
+    )
     for (_, shape, colour), reply in list(zip(drawn, replies, strict=True))[:5]:
         print(f"  {colour} {shape} -> {reply.text!r}")
 

@@ -54,11 +54,14 @@ def get_config(arg=None):
         config.llm = dict(name="llama", checkpoint="", **backbones.llama(preset[arg.size]))
         config.data.task = "text"
         config.data.split = ("train", "clips_train")  # clip texts carry the motion words
-        # Rows of 10 packed texts: the LM learns the positions that LLaVA's prompts reach (image
-        # tokens and template included), as a real LLM's context covers them.
+        # Rows of up to 10 texts about one scene (its captions, questions and instruction turns in
+        # a random order): the LM learns the positions that LLaVA's prompts reach (image tokens
+        # and template included), and, as a real LLM does from coherent documents, to answer from
+        # what its context said about the scene, which the image tokens later say.
         config.data.batch_size = {"tiny": 16, "default": 8, "paper": 1024}[arg.size]
         config.data.max_text_len = {"tiny": 96, "default": 192, "paper": 2048}[arg.size]
         config.data.texts_per_row = {"tiny": 5, "default": 10, "paper": 1}[arg.size]
+        config.data.text_packing = "record"
         config.optimizer.learning_rate = 3e-3 if arg.size != "paper" else 3e-4
         config.optimizer.b2 = 0.95
         config.optimizer.weight_decay = 0.1

@@ -131,6 +131,9 @@ def base_config() -> ConfigDict:
             batch_size=64,  # global batch, all processes together
             max_text_len=32,
             texts_per_row=1,  # "text" task: texts concatenated into one row of max_text_len
+            # "text" task: a row's texts are consecutive texts of the shuffled corpus ("stream")
+            # or texts of one record in random order ("record": a document about one scene).
+            text_packing="stream",
             worker_count=0,  # grain worker processes per host
             image_token_id=4,  # the <image> placeholder id (the world tokenizer's <image>)
             # Weights of the "instructions" task's sample types (jaxvlm.data.conversations).

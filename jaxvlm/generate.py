@@ -220,9 +220,10 @@ def answer(
     or, for a model trained on plain text (`config.data.task` "text"), as BOS + text. With
     `use_template=False` a prompt is encoded exactly as `tokenizer(prompt)` (its own special
     tokens) and must hold one `<image>` per image. Generation stops at EOS, at the template's stop
-    string (none without a template, as with transformers' `generate`), or after `max_new_tokens`. Prompts are decoded in batches, left-padded to the run's
-    context, with the decode path of the evaluators (`predict.generate_fn`): greedy answers equal
-    those of one prompt at a time, and a sample depends only on (seed, its example index).
+    string (none without a template, as with transformers' `generate`), or after
+    `max_new_tokens`. Prompts are decoded in batches, left-padded to the run's context, with the
+    decode path of the evaluators (`predict.generate_fn`): greedy answers equal those of one
+    prompt at a time, and a sample depends only on (seed, its example index).
 
     Args:
       run: a `LoadedRun` (config, model, params, tokenizer, preprocessing, mesh).

@@ -238,6 +238,7 @@ def setup_data(config: ml_collections.ConfigDict, cache_dir: Path, mesh) -> Trai
         worker_count=config.data.worker_count,
         conversation=conversation,
         texts_per_row=config.data.texts_per_row,
+        text_packing=config.data.text_packing,
     )
     return TrainData(world, tokenizer, preprocessing, iterator, config.data.batch_size, mesh)
 

@@ -154,7 +154,9 @@ def test_gradient_accumulation_matches_one_large_batch(tiny_config, tmp_path, ca
     one = train.train(config, tmp_path / "one", cache_dir=cache_dir)
     two = train.train(accumulated, tmp_path / "two", cache_dir=cache_dir)
     np.testing.assert_allclose(two["losses"][1], one["losses"][1], rtol=1e-5)
-    chex.assert_trees_all_close(two["state"].params, one["state"].params, rtol=1e-4, atol=1e-6)
+    # Summation order differs; Adam turns that noise in near-zero gradients (|g| ~ eps, e.g. the
+    # embedding rows of absent tokens) into parameter differences of a few 1e-6 (lr 3e-3).
+    chex.assert_trees_all_close(two["state"].params, one["state"].params, rtol=1e-4, atol=1e-5)
 
 
 def test_dual_encoder_trains_and_reports_retrieval(tiny_config, tmp_path, cache_dir):

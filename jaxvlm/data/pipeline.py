@@ -15,7 +15,7 @@ Tasks and their batches (B = local batch, S = image size, T = max_text_len):
   "text":     {"tokens": int32[B, T], "mask": int32[B, T], "loss_mask": int32[B, T] (1 where the
                token is a next-token target: real and not the first)}; texts only (captions,
                "question? answer" pairs, instruction turns) of the given split(s), one per row or
-               `texts_per_row` concatenated.
+               `texts_per_row` concatenated (unrelated texts, or one record's: `text_packing`).
 
 Evaluation sources have `__len__` / `__getitem__` and hold exactly the split's readable records;
 `batches(source, batch_size)` pads the last batch and marks padding in "valid".
@@ -37,6 +37,7 @@ from jaxvlm.data.tokenizer import Tokenizer
 TASKS: tuple[str, ...] = ("captions", "text", "llava_captions", "instructions")
 CAPTION_KEYS = ("image", "text_tokens", "text_mask")
 TEXT_KEYS = ("tokens", "mask", "loss_mask")
+TEXT_PACKINGS = ("stream", "record")
 # Each element read ahead is a whole local batch, so a short buffer is enough.
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 
@@ -132,6 +133,7 @@ def make_train_iterator(
     worker_count: int = 0,
     conversation: conversations.ConversationFormat | None = None,
     texts_per_row: int = 1,
+    text_packing: str = "stream",
 ) -> TrainIterator:
     """An infinite, resumable iterator of this process's slice of the global batches.
 
@@ -148,8 +150,11 @@ def make_train_iterator(
       process_index: this process, in [0, process_count).
       process_count: P.
       worker_count: grain worker processes (0: read in this process).
-      texts_per_row: "text" only: k consecutive texts (each with bos and eos) are concatenated
-        into one row, cut at T (GPT-style packing, attention across texts).
+      texts_per_row: "text" only: k texts (each with bos and eos) are concatenated into one row,
+        cut at T (GPT-style packing, attention across texts).
+      text_packing: "text" only: where a row's texts come from — "stream": k consecutive texts
+        of the shuffled stream (unrelated); "record": up to k texts of one record in random order
+        (a document about one scene).
       conversation: how scenes become conversations ("llava_captions", "instructions"; see
         `conversations.py`); its max_len replaces `max_text_len`.
     """
@@ -170,14 +175,28 @@ def make_train_iterator(
         dataset = dataset.random_map(transforms.PickCaption(), seed=seed)
         steps = _caption_transforms(tokenizer, preprocessing, max_text_len, text_key="text")
     elif task == "text":
-        source = sources.text_source(world, split)
-        dataset = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+        if text_packing not in TEXT_PACKINGS:
+            raise ValueError(
+                f"config.data.text_packing={text_packing!r} is unknown; known: {TEXT_PACKINGS}"
+            )
         steps = _text_transforms(tokenizer, max_text_len)
-        if texts_per_row > 1:
-            # Consecutive texts share a row, so the LM learns every position up to its context.
-            dataset = dataset.map(transforms.TokenizeText(tokenizer))
-            dataset = dataset.batch(texts_per_row, batch_fn=_concatenate_ids)
+        if text_packing == "record":
+            # A row is a document about one scene: later texts follow from earlier ones, so the
+            # LM learns to read its context (which an image's tokens later become).
+            source = sources.document_source(world, split)
+            dataset = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+            dataset = dataset.random_map(
+                transforms.TokenizeDocument(tokenizer, texts_per_row), seed=seed
+            )
             steps = steps[1:]
+        else:
+            source = sources.text_source(world, split)
+            dataset = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+            if texts_per_row > 1:
+                # Consecutive texts share a row, so the LM learns every position up to T.
+                dataset = dataset.map(transforms.TokenizeText(tokenizer))
+                dataset = dataset.batch(texts_per_row, batch_fn=_concatenate_ids)
+                steps = steps[1:]
     else:
         if conversation is None or preprocessing is None:
             raise ValueError(

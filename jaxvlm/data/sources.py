@@ -118,27 +118,48 @@ class RecordSource:
 
 
 class TextSource:
-    """An in-memory list of texts as a source of {"text": str}.
+    """An in-memory list of texts (or of documents: lists of texts) as a source of {key: item}.
 
     Attributes:
+      key: "text" (one str per item) or "texts" (one record's list of str per item).
       num_skipped: records whose texts could not be read while building the list.
     """
 
-    def __init__(self, texts: list[str], *, name: str, num_skipped: int = 0):
+    def __init__(self, texts: list, *, name: str, num_skipped: int = 0, key: str = "text"):
         if not texts:
             raise ValueError(f"{name}: no texts")
         self._texts = texts
         self.name = name
         self.num_skipped = num_skipped
+        self.key = key
 
     def __len__(self) -> int:
         return len(self._texts)
 
     def __getitem__(self, index: int) -> dict:
-        return {"text": self._texts[int(index)]}
+        return {self.key: self._texts[int(index)]}
 
     def __repr__(self) -> str:
-        return f"TextSource({self.name}, {len(self)} texts, {self.num_skipped} records skipped)"
+        return f"TextSource({self.name}, {len(self)} items, {self.num_skipped} records skipped)"
+
+
+def _texts_by_record(world, splits: str | Sequence[str]) -> tuple[list[list[str]], int, str]:
+    """(each readable record's texts, records skipped, a name) for one split name or several."""
+    splits = (splits,) if isinstance(splits, str) else tuple(splits)
+    documents: list[list[str]] = []
+    skipped = 0
+    for split in splits:
+        data_source = world.as_data_source(split)
+        first_error = None
+        for index in range(len(data_source)):
+            try:
+                documents.append(record_texts(data_source[index]))
+            except Exception as error:  # any decode failure marks the record corrupt
+                skipped += 1
+                first_error = first_error or f"{type(error).__name__}: {error}"
+        if first_error:
+            logging.warning("texts/%s: skipped corrupt records (first: %s)", split, first_error)
+    return documents, skipped, "+".join(splits)
 
 
 def text_source(world, splits: str | Sequence[str]) -> TextSource:
@@ -147,18 +168,13 @@ def text_source(world, splits: str | Sequence[str]) -> TextSource:
     Use the training splits ("train", "clips_train") for LM pretraining: they hold no held-out
     composition.
     """
-    splits = (splits,) if isinstance(splits, str) else tuple(splits)
-    texts: list[str] = []
-    skipped = 0
-    for split in splits:
-        data_source = world.as_data_source(split)
-        first_error = None
-        for index in range(len(data_source)):
-            try:
-                texts.extend(record_texts(data_source[index]))
-            except Exception as error:  # any decode failure marks the record corrupt
-                skipped += 1
-                first_error = first_error or f"{type(error).__name__}: {error}"
-        if first_error:
-            logging.warning("texts/%s: skipped corrupt records (first: %s)", split, first_error)
-    return TextSource(texts, name=f"texts/{'+'.join(splits)}", num_skipped=skipped)
+    documents, skipped, name = _texts_by_record(world, splits)
+    texts = [text for document in documents for text in document]
+    return TextSource(texts, name=f"texts/{name}", num_skipped=skipped)
+
+
+def document_source(world, splits: str | Sequence[str]) -> TextSource:
+    """One item {"texts": [str]} per readable record of `splits`: all the texts about one scene
+    (or clip), a coherent document in which later texts follow from earlier ones."""
+    documents, skipped, name = _texts_by_record(world, splits)
+    return TextSource(documents, name=f"documents/{name}", num_skipped=skipped, key="texts")

@@ -57,6 +57,28 @@ class TokenizeText(grain.transforms.Map):
         return element
 
 
+class TokenizeDocument(grain.transforms.RandomMap):
+    """example["texts"] (one record's texts) -> example["ids"]: up to `max_texts` of them, drawn
+    without replacement in a random order, each with bos and eos, concatenated (one packed row of
+    a coherent document; the order depends only on (seed, example index))."""
+
+    def __init__(self, tokenizer: Tokenizer, max_texts: int):
+        if max_texts < 1:
+            raise ValueError(f"max_texts={max_texts} must be ≥ 1")
+        self.tokenizer = tokenizer
+        self.max_texts = max_texts
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        texts = element.pop("texts")
+        order = rng.permutation(len(texts))[: self.max_texts]
+        element["ids"] = [
+            token
+            for index in order
+            for token in self.tokenizer.encode(texts[int(index)], add_bos=True, add_eos=True)
+        ]
+        return element
+
+
 class PadTokens(grain.transforms.Map):
     """example[ids_key] -> int32[T] tokens and int32[T] mask (1 = real token).
 

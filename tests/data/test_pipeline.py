@@ -73,6 +73,58 @@ def test_text_corpus_is_training_text_only(small_world):
     assert any("moves" in text for text in texts)  # clip captions are in
 
 
+def _row_texts(row_ids, bos_id):
+    """A packed row's texts, split where each begins (bos), as id tuples."""
+    starts = [i for i, token in enumerate(row_ids) if token == bos_id]
+    return [tuple(row_ids[a:b]) for a, b in zip(starts, [*starts[1:], len(row_ids)], strict=True)]
+
+
+@pytest.mark.parametrize("packing", ["stream", "record"])
+def test_packed_text_rows_hold_whole_texts(small_world, tokenizer, packing):
+    """texts_per_row texts per row, each with bos/eos, the last cut at T; with "record" packing
+    they are distinct texts of one record (a document), with "stream" texts of the corpus."""
+    length, per_row = 160, 4
+    iterator = _iterator(
+        small_world,
+        tokenizer,
+        "text",
+        max_text_len=length,
+        texts_per_row=per_row,
+        text_packing=packing,
+    )
+    (batch,) = _take(iterator, 1)
+    encode = lambda text: tuple(tokenizer.encode(text, add_bos=True, add_eos=True))
+    by_record = sources.document_source(small_world, TRAINING_SPLITS)
+    documents = [{encode(text) for text in by_record[i]["texts"]} for i in range(len(by_record))]
+    corpus = set().union(*documents)
+    records_seen, packed_rows = set(), 0
+    for row in range(batch["tokens"].shape[0]):
+        real = int(batch["mask"][row].sum())
+        texts = _row_texts(batch["tokens"][row, :real].tolist(), tokenizer.bos_id)
+        assert 1 <= len(texts) <= per_row
+        packed_rows += len(texts) > 1
+        whole, last = texts[:-1], texts[-1]
+        assert all(text in corpus for text in whole)
+        assert last in corpus or any(text[: len(last)] == last for text in corpus)
+        if real < length:  # the row was not cut: the last text is whole
+            assert last in corpus
+        if packing == "record":
+            owners = [i for i, document in enumerate(documents) if set(whole) <= document]
+            assert owners and len(set(whole)) == len(whole)
+            records_seen.add(owners[0])
+        expected = batch["mask"][row].copy()
+        expected[0] = 0
+        np.testing.assert_array_equal(batch["loss_mask"][row], expected)
+    assert packed_rows >= batch["tokens"].shape[0] // 2
+    if packing == "record":
+        assert len(records_seen) > 1
+
+
+def test_unknown_text_packing_is_named(small_world, tokenizer):
+    with pytest.raises(ValueError, match=r"text_packing='scene'.*stream"):
+        _iterator(small_world, tokenizer, "text", text_packing="scene")
+
+
 @pytest.mark.parametrize("task", ["captions", "text"])
 def test_process_slices_make_the_global_batch(small_world, tokenizer, task):
     # 64 of 200 scenes per step: the 5 steps cross an epoch boundary.
