@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxvlm import cache, checkpoint, config_utils, models, optim, sharding
+from jaxvlm import cache, checkpoint, config_utils, importers, models, optim, sharding
 
 logger = logging.getLogger(__name__)
 
@@ -148,9 +148,20 @@ def load_pretrained(config, params_shape) -> dict[str, np.ndarray]:
         if component in config and "checkpoint" in config[component]:
             source = config[component].checkpoint
             if source:
-                params = checkpoint.read_params(source)
+                kind = checkpoint.detect_source_kind(source)
                 prefix = f"{component}/"
-                taken = {k: v for k, v in params.items() if k.startswith(prefix)}
+                if kind == "hf":
+                    taken = importers.load_component(
+                        component, source, config[component], flat_shape
+                    )
+                elif kind == "gguf":
+                    raise checkpoint.FrozenSourceError(
+                        f"config.{component}.checkpoint={source}: GGUF files cannot be loaded yet "
+                        "(convert the model to a Hugging Face directory)"
+                    )
+                else:
+                    params = checkpoint.read_params(source)
+                    taken = {k: v for k, v in params.items() if k.startswith(prefix)}
                 if not taken:
                     raise ValueError(
                         f"config.{component}.checkpoint={source} holds no parameters under {prefix}"

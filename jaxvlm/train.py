@@ -30,6 +30,7 @@ from jaxvlm import (
     checkpoint,
     config_utils,
     evals,
+    importers,
     initialization,
     metric_writer,
     models,
@@ -259,6 +260,7 @@ def train(
     cache_dir = cache.resolve(cache_dir)
     backbones.resolve_sources(config, cache_dir)
     config_utils.make_source_paths_absolute(config)
+    importers.resolve_architectures(config)  # an HF directory's config.json sets the architecture
     is_main = jax.process_index() == 0
     mesh = setup_mesh(config, devices)
     data = setup_data(config, cache_dir, mesh)

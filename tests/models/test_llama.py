@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from jaxvlm.llms import build_llm, llama
 from jaxvlm.llms.llama import Llama
@@ -309,95 +308,7 @@ def test_build_llm_from_config():
         build_llm({"name": "llama", **TINY, "x": 1}, where="config.text_encoder")
 
 
-def _hf_llama_params(hf_model, depth, num_heads, num_kv_heads, head_dim, tie):
-    """HF Llama/Qwen2 state dict → our (scanned) params: the importer's table, written out."""
-    state = {k: torch_to_np(v) for k, v in hf_model.state_dict().items()}
-    heads = lambda w, h: w.T.reshape(w.shape[1], h, head_dim)  # [H·Dh, D] → [D, H, Dh]
-    layers = []
-    for i in range(depth):
-        p = f"model.layers.{i}."
-        attn = {
-            "q_proj": {"kernel": heads(state[p + "self_attn.q_proj.weight"], num_heads)},
-            "k_proj": {"kernel": heads(state[p + "self_attn.k_proj.weight"], num_kv_heads)},
-            "v_proj": {"kernel": heads(state[p + "self_attn.v_proj.weight"], num_kv_heads)},
-            "o_proj": {
-                "kernel": state[p + "self_attn.o_proj.weight"].T.reshape(num_heads, head_dim, -1)
-            },
-        }
-        for name, h in (("q_proj", num_heads), ("k_proj", num_kv_heads), ("v_proj", num_kv_heads)):
-            if p + f"self_attn.{name}.bias" in state:
-                attn[name]["bias"] = state[p + f"self_attn.{name}.bias"].reshape(h, head_dim)
-        layers.append(
-            {
-                "input_layernorm": {"scale": state[p + "input_layernorm.weight"]},
-                "post_attention_layernorm": {"scale": state[p + "post_attention_layernorm.weight"]},
-                "self_attn": attn,
-                "mlp": {
-                    k: {"kernel": state[p + f"mlp.{k}.weight"].T}
-                    for k in ("gate_proj", "up_proj", "down_proj")
-                },
-            }
-        )
-    other = {
-        "embed_tokens": {"embedding": state["model.embed_tokens.weight"]},
-        "norm": {"scale": state["model.norm.weight"]},
-    }
-    if not tie:
-        other["lm_head"] = {"kernel": state["lm_head.weight"].T}
-    return merge_layers(other, layers, scan_layers=True)
-
-
-def torch_to_np(t):
-    return t.detach().numpy().astype(np.float32)
-
-
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_parity_with_transformers(family):
-    import transformers
-
-    head_dim, depth, tie = 8, 2, family == "qwen2"
-    kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=DIM,
-        intermediate_size=MLP,
-        num_hidden_layers=depth,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=tie,
-        rope_parameters={"rope_type": "default", "rope_theta": 500.0},
-        attn_implementation="eager",
-    )
-    torch.manual_seed(0)
-    if family == "llama":
-        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kwargs))
-    else:
-        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kwargs))
-    hf.eval()
-    with torch.no_grad():  # random biases/norm scales, so a missing one cannot pass by accident
-        for name, p in hf.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    model = Llama(
-        vocab_size=VOCAB,
-        dim=DIM,
-        depth=depth,
-        num_heads=HEADS,
-        num_kv_heads=KV_HEADS,
-        head_dim=head_dim,
-        mlp_dim=MLP,
-        rope_theta=500.0,
-        rms_norm_eps=1e-6,
-        tie_embeddings=tie,
-        qkv_bias=family == "qwen2",
-    )
-    params = _hf_llama_params(hf, depth, HEADS, KV_HEADS, head_dim, tie)
-    assert jax.tree.structure(params) == jax.tree.structure(_shapes(model, TOKENS))
-    with torch.no_grad():
-        ref = hf(torch.tensor(np.asarray(TOKENS))).logits.numpy()
-    with jax.default_matmul_precision("highest"):
-        ours = _apply(model)(params, TOKENS).logits
-    assert np.abs(np.asarray(ours) - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+# Parity with transformers (Llama and Qwen2, through the importer): tests/importers/.
 
 
 def test_module_exports():

@@ -1,0 +1,149 @@
+"""Hugging Face checkpoint importers: one module per family, chosen by an explicit table.
+
+A component whose `checkpoint` is a Hugging Face directory (config.json + safetensors; see
+`manifest.detect_source_kind`) is imported in two steps:
+
+1. `resolve_architectures(config)` (before the model is built, in `train`): the component's
+   architecture fields come from `config.json` through its importer's `architecture`; the fields
+   that are the user's (dtype, param_dtype, scan_layers, remat, implementation, added embeddings)
+   are kept. A changed field is logged.
+2. `load_component(component, directory, component_config, expected)` (in
+   `initialization.load_pretrained`): the importer's table maps every tensor, with strict
+   accounting — a checkpoint tensor left unused or a model parameter left unfilled is an error
+   listing them. Parameters the model adds beyond the checkpoint (`num_added_embeddings` rows, e.g.
+   LLaVA's `<image>`) are initialised fresh.
+
+Parity of each family with the transformers PyTorch model is proven in `tests/importers/`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from types import ModuleType
+
+from jaxvlm.importers import clip, llama
+from jaxvlm.importers.base import CheckpointImportError, HFCheckpoint, check_filled
+
+__all__ = [
+    "IMPORTERS",
+    "CheckpointImportError",
+    "HFCheckpoint",
+    "architecture",
+    "load_component",
+    "resolve_architectures",
+]
+
+logger = logging.getLogger(__name__)
+
+# config component → HF `model_type` → importer module (`architecture`, `convert`, `ignored_keys`).
+IMPORTERS: dict[str, dict[str, ModuleType]] = {
+    "encoder": {model_type: clip for model_type in clip.MODEL_TYPES},
+    "llm": {model_type: llama for model_type in llama.MODEL_TYPES},
+}
+# Parameters a model may add beyond any checkpoint (initialised fresh, never imported).
+FRESH_PARAMETERS = ("added_embedding", "added_kernel")
+
+
+def _importer(component: str, model_type: str, source: str | Path) -> ModuleType:
+    known = IMPORTERS.get(component, {})
+    if model_type not in known:
+        supported = ", ".join(sorted(known)) or "none yet"
+        raise CheckpointImportError(
+            f"{source}: model_type {model_type!r} cannot be imported as config.{component} "
+            f"(supported: {supported})"
+        )
+    return known[model_type]
+
+
+def _read_config(directory: str | Path) -> dict:
+    path = Path(directory).expanduser() / "config.json"
+    if not path.is_file():
+        raise CheckpointImportError(
+            f"{Path(directory)}: no config.json (not a Hugging Face model directory)"
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointImportError(f"{path}: invalid JSON ({error})") from None
+
+
+def architecture(component: str, directory: str | Path) -> dict:
+    """Our architecture fields for `config.<component>` from an HF directory's config.json."""
+    hf = _read_config(directory)
+    return _importer(component, hf.get("model_type"), directory).architecture(hf)
+
+
+def resolve_architectures(config) -> None:
+    """Sets the architecture fields of every component whose checkpoint is an HF directory."""
+    from jaxvlm import config_utils
+    from jaxvlm.manifest import FrozenSourceError, detect_source_kind
+
+    for component in config_utils.MODEL_COMPONENTS:
+        if component not in config or "checkpoint" not in config[component]:
+            continue
+        if not config[component].checkpoint:
+            continue
+        source = config[component].checkpoint
+        try:
+            kind = detect_source_kind(source)
+        except FrozenSourceError:
+            continue  # reported, naming the component, when the sources are checked
+        if kind != "hf":
+            continue
+        fields = architecture(component, source)
+        with config.unlocked():
+            for key, value in fields.items():
+                current = _plain(config[component].get(key))
+                if current != value:
+                    if key in config[component]:
+                        logger.info(
+                            "config.%s.%s = %r (from %s, was %r)",
+                            component,
+                            key,
+                            value,
+                            source,
+                            current,
+                        )
+                    config[component][key] = value
+
+
+def load_component(
+    component: str, directory: str | Path, component_config: Mapping, expected: Mapping
+) -> dict:
+    """`{f"{component}/...": numpy array}` imported from an HF directory.
+
+    Args:
+      component: the config block ("llm", "encoder", ...).
+      directory: the HF model directory.
+      component_config: `config.<component>` (its architecture must equal the checkpoint's:
+        `resolve_architectures` makes it so).
+      expected: `{path: shape-like}` of the whole model's parameters.
+    """
+    from jaxvlm.param_paths import flatten_params
+
+    checkpoint = HFCheckpoint(directory)
+    importer = _importer(component, checkpoint.model_type, directory)
+    arch = importer.architecture(checkpoint.config)
+    differing = sorted(k for k, v in arch.items() if _plain(component_config.get(k)) != v)
+    if differing:
+        raise CheckpointImportError(
+            f"{directory}: config.{component} differs from its config.json in {differing} "
+            "(leave them to the importer: `resolve_architectures`)"
+        )
+    tree = importer.convert(checkpoint, arch, component_config)
+    checkpoint.finish(ignored=importer.ignored_keys(checkpoint))
+    loaded = {f"{component}/{k}": v for k, v in flatten_params(tree).items()}
+    wanted = {
+        k: v
+        for k, v in expected.items()
+        if k.startswith(f"{component}/") and k.rsplit("/", 1)[-1] not in FRESH_PARAMETERS
+    }
+    check_filled(directory, loaded, wanted)
+    return loaded
+
+
+def _plain(value):
+    return value.to_dict() if hasattr(value, "to_dict") else value
