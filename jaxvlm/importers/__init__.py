@@ -96,18 +96,12 @@ def resolve_architectures(config) -> None:
         fields = architecture(component, source)
         with config.unlocked():
             for key, value in fields.items():
-                current = _plain(config[component].get(key))
-                if current != value:
-                    if key in config[component]:
-                        logger.info(
-                            "config.%s.%s = %r (from %s, was %r)",
-                            component,
-                            key,
-                            value,
-                            source,
-                            current,
-                        )
-                    config[component][key] = value
+                if key in config[component] and _plain(config[component][key]) != value:
+                    logger.info(
+                        "config.%s.%s = %r (from %s, was %r)",
+                        *(component, key, value, source, _plain(config[component][key])),
+                    )
+                config[component][key] = value
 
 
 def load_component(
@@ -126,8 +120,13 @@ def load_component(
 
     checkpoint = HFCheckpoint(directory)
     importer = _importer(component, checkpoint.model_type, directory)
-    arch = importer.architecture(checkpoint.config)
-    differing = sorted(k for k, v in arch.items() if _plain(component_config.get(k)) != v)
+    arch = importer.architecture(checkpoint.hf_config)
+    absent = sorted(k for k in arch if k not in component_config)
+    if absent:
+        raise CheckpointImportError(
+            f"{directory}: config.{component} lacks the architecture fields {absent}"
+        )
+    differing = sorted(k for k, v in arch.items() if _plain(component_config[k]) != v)
     if differing:
         raise CheckpointImportError(
             f"{directory}: config.{component} differs from its config.json in {differing} "

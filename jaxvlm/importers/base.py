@@ -63,7 +63,7 @@ def _read_header(path: Path) -> tuple[dict, int]:
 
 
 class HFCheckpoint:
-    """A Hugging Face directory: `config` (config.json as a dict) and its tensors by name.
+    """A Hugging Face directory: `hf_config` (config.json as a dict) and its tensors by name.
 
     Args:
       directory: holds `config.json` and `model.safetensors`, or shards named by
@@ -80,7 +80,7 @@ class HFCheckpoint:
                 f"{self.directory}: no config.json (not a Hugging Face model directory)"
             )
         try:
-            self.config = json.loads(config_path.read_text())
+            self.hf_config = json.loads(config_path.read_text())
         except json.JSONDecodeError as error:
             raise CheckpointImportError(f"{config_path}: invalid JSON ({error})") from None
         self._files = self._weight_files()
@@ -120,7 +120,7 @@ class HFCheckpoint:
 
     @property
     def model_type(self) -> str:
-        return str(self.config.get("model_type", ""))
+        return str(self.hf_config["model_type"]) if "model_type" in self.hf_config else ""
 
     def keys(self) -> list[str]:
         return sorted(self._entries)
