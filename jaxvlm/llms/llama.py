@@ -41,6 +41,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
+from flax.core import FrozenDict
 
 from jaxvlm.layers.attention import Attention, KVCache
 from jaxvlm.layers.embeddings import Embed, LMHead
@@ -174,6 +175,12 @@ class Llama(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     cross_attention: CrossAttentionHook | None = None
+
+    def __post_init__(self):
+        # Hashable, so that the module can key compiled-function caches (decoding.llm_decoder).
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, FrozenDict):
+            object.__setattr__(self, "rope_scaling", FrozenDict(self.rope_scaling))
+        super().__post_init__()
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)

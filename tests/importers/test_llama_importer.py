@@ -280,3 +280,40 @@ def test_a_vlm_trains_on_an_imported_llm(tmp_path, tiny_config, cache_dir):
     restored = checkpoint.flatten_params(run.params)
     for key, value in params.items():
         np.testing.assert_array_equal(np.asarray(restored[key]), np.asarray(value), err_msg=key)
+
+
+@pytest.mark.parametrize("name", ["llama_bias_gqa_linear", "qwen2_tied_gqa"])
+def test_greedy_generation_equals_transformers_generate(name, tmp_path):
+    """The imported model through our decode loop (KV cache, left padding) produces the token ids
+    of transformers' greedy `generate` on the same weights, EOS included."""
+    from jaxvlm import decoding
+
+    family, kwargs = CONFIGS[name]
+    hf = _save_hf(family, kwargs, tmp_path)
+    model, params = _import(tmp_path)
+    new, eos, pad = 8, 5, 0
+    tokens = np.array(jax.random.randint(jax.random.key(3), (B, 7), 6, VOCAB), np.int32)
+    mask = np.ones_like(tokens)
+    tokens[1, :3], mask[1, :3] = pad, 0  # left padding
+    with torch.no_grad():
+        ref = hf.generate(
+            input_ids=torch.tensor(tokens, dtype=torch.long),
+            attention_mask=torch.tensor(mask),
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=new,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )[:, tokens.shape[1] :].numpy()
+    with jax.default_matmul_precision("highest"):
+        ours = decoding.generate(
+            decoding.llm_decoder(model, scope=None),
+            params,
+            tokens,
+            mask,
+            max_new_tokens=new,
+            eos_id=eos,
+            pad_id=pad,
+        )
+    ours = np.asarray(ours.tokens)[:, : ref.shape[1]]
+    np.testing.assert_array_equal(ours, ref)

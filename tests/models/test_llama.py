@@ -313,3 +313,11 @@ def test_build_llm_from_config():
 
 def test_module_exports():
     assert llama.DecoderOutput is not None and "Llama" in llama.__all__
+
+
+def test_a_rope_scaled_llama_is_hashable():
+    """Compiled-function caches key on the module (decoding.llm_decoder): a rope_scaling dict
+    from a config or an importer must not make it unhashable."""
+    scaled = Llama(**TINY, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    assert hash(scaled) == hash(Llama(**TINY, rope_scaling={"rope_type": "linear", "factor": 2.0}))
+    assert scaled.rope_scaling["factor"] == 2.0
