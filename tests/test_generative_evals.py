@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxvlm import data, vlm
-from jaxvlm.data import conversations, pipeline
+from jaxvlm.data import conversations, eval_sets
 from jaxvlm.evals import EVALUATORS, EvalContext, GenerativeEvaluator, cider_d
 from jaxvlm.evals.generative import score_vqa
 
@@ -52,7 +52,7 @@ def _contains(ids, part) -> bool:
 
 def _prompts(setup, kind, num_examples, blind=False):
     config, world, _, preprocessing, fmt, _ = setup
-    load = pipeline.vqa_prompts if kind == "vqa" else pipeline.caption_prompts
+    load = eval_sets.vqa_prompts if kind == "vqa" else eval_sets.caption_prompts
     prompt = config.evals.vqa.prompt if kind == "vqa" else config.evals.caption.prompt
     return load(
         world, SPLIT, fmt, preprocessing, prompt=prompt, num_examples=num_examples, blind=blind

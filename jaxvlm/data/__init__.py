@@ -7,20 +7,18 @@ point; the package does not import it, so running it as `__main__` loads it only
 from jaxvlm.data.builder import JaxvlmWorld, decode_record
 from jaxvlm.data.chat import ChatTemplate, TokenizationMismatch
 from jaxvlm.data.conversations import ConversationFormat
-from jaxvlm.data.grammar import grammar_words
-from jaxvlm.data.pipeline import (
-    TASKS,
+from jaxvlm.data.eval_sets import (
     PromptSet,
     RetrievalSet,
-    TrainIterator,
     batches,
     caption_prompts,
     eval_texts,
-    make_train_iterator,
     retrieval_pairs,
     retrieval_set,
     vqa_prompts,
 )
+from jaxvlm.data.grammar import grammar_words
+from jaxvlm.data.pipeline import TASKS, TrainIterator, make_train_iterator
 from jaxvlm.data.preprocessing import ImagePreprocessing, load_image
 from jaxvlm.data.sources import RecordSource, TextSource, text_source
 from jaxvlm.data.storage import World, build_world, load_world, open_world, write_world

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from absl import flags
 
-from jaxvlm.data import pipeline, sources
+from jaxvlm.data import eval_sets, pipeline, sources
 from jaxvlm.data.preprocessing import ImagePreprocessing
 from jaxvlm.data.world_config import TRAINING_SPLITS
 
@@ -216,7 +216,7 @@ def test_corrupt_records_are_counted_and_skipped(small_world, tokenizer, caplog)
     assert all(b["image"].shape == (50, 64, 64, 3) for b in batches)
     text = sources.text_source(corrupted, "train")
     assert text.num_skipped == 1  # record 3's texts are fine; 7's are not
-    pairs = pipeline.retrieval_pairs(
+    pairs = eval_sets.retrieval_pairs(
         corrupted, "train", tokenizer, PREPROCESSING, max_text_len=MAX_TEXT_LEN
     )
     assert len(pairs) == small_world.splits["train"] - 2
@@ -234,11 +234,11 @@ def test_worker_processes_give_the_same_batches(small_world, tokenizer):
 
 
 def test_eval_sources_pad_the_last_batch(small_world, tokenizer):
-    pairs = pipeline.retrieval_pairs(
+    pairs = eval_sets.retrieval_pairs(
         small_world, "test", tokenizer, PREPROCESSING, max_text_len=MAX_TEXT_LEN
     )
     assert len(pairs) == small_world.splits["test"] == 40
-    batches = list(pipeline.batches(pairs, 16))
+    batches = list(eval_sets.batches(pairs, 16))
     assert [b["image"].shape[0] for b in batches] == [16, 16, 16]
     assert sum(int(b["valid"].sum()) for b in batches) == 40
     last = batches[-1]
@@ -248,7 +248,7 @@ def test_eval_sources_pad_the_last_batch(small_world, tokenizer):
     first_caption = tokenizer.decode(batches[0]["text_tokens"][0])
     record = small_world.as_data_source("test")[0]
     assert first_caption == record["caption"].decode()
-    texts = pipeline.eval_texts(small_world, "validation", tokenizer, max_text_len=MAX_TEXT_LEN)
+    texts = eval_sets.eval_texts(small_world, "validation", tokenizer, max_text_len=MAX_TEXT_LEN)
     assert sorted(texts[0]) == ["loss_mask", "mask", "tokens"]
     assert len(texts) == len(sources.text_source(small_world, "validation"))
 
