@@ -317,3 +317,27 @@ def test_greedy_generation_equals_transformers_generate(name, tmp_path):
         )
     ours = np.asarray(ours.tokens)[:, : ref.shape[1]]
     np.testing.assert_array_equal(ours, ref)
+
+
+def test_a_sharded_checkpoint_imports_like_a_single_file(saved, tmp_path):
+    """Tensors split over two shard files named by model.safetensors.index.json load the same."""
+    from safetensors.numpy import save_file
+
+    whole = HFCheckpoint(saved)
+    tensors = {k: whole.take(k) for k in whole.keys()}
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    shutil.copy(saved / "config.json", sharded / "config.json")
+    names = sorted(tensors)
+    shards = {
+        "model-00001-of-00002.safetensors": names[::2],
+        "model-00002-of-00002.safetensors": names[1::2],
+    }
+    for file, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, str(sharded / file), metadata={"format": "pt"})
+    index = {"weight_map": {k: file for file, keys in shards.items() for k in keys}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    _, expected = _import(saved)
+    _, params = _import(sharded)
+    for key, value in flatten_params(expected).items():
+        np.testing.assert_array_equal(flatten_params(params)[key], value, err_msg=key)
