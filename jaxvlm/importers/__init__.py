@@ -18,14 +18,13 @@ Parity of each family with the transformers PyTorch model is proven in `tests/im
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 
 from jaxvlm.importers import clip, llama
-from jaxvlm.importers.base import CheckpointImportError, HFCheckpoint, check_filled
+from jaxvlm.importers.base import CheckpointImportError, HFCheckpoint, check_filled, read_config
 
 __all__ = [
     "IMPORTERS",
@@ -58,21 +57,9 @@ def _importer(component: str, model_type: str, source: str | Path) -> ModuleType
     return known[model_type]
 
 
-def _read_config(directory: str | Path) -> dict:
-    path = Path(directory).expanduser() / "config.json"
-    if not path.is_file():
-        raise CheckpointImportError(
-            f"{Path(directory)}: no config.json (not a Hugging Face model directory)"
-        )
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointImportError(f"{path}: invalid JSON ({error})") from None
-
-
 def architecture(component: str, directory: str | Path) -> dict:
     """Our architecture fields for `config.<component>` from an HF directory's config.json."""
-    hf = _read_config(directory)
+    hf = read_config(directory)
     return _importer(component, hf.get("model_type"), directory).architecture(hf)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-__all__ = ["HFCheckpoint", "CheckpointImportError", "check_filled"]
+__all__ = ["CheckpointImportError", "HFCheckpoint", "check_filled", "read_config"]
 
 _DTYPES = {
     "F64": np.float64,
@@ -62,6 +62,22 @@ def _read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + length
 
 
+def read_config(directory: str | Path) -> dict:
+    """A Hugging Face directory's config.json as a dict (errors name the path)."""
+    directory = Path(directory).expanduser()
+    path = directory / "config.json"
+    if not directory.is_dir():
+        raise CheckpointImportError(f"{directory}: no such directory")
+    if not path.is_file():
+        raise CheckpointImportError(
+            f"{directory}: no config.json (not a Hugging Face model directory)"
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointImportError(f"{path}: invalid JSON ({error})") from None
+
+
 class HFCheckpoint:
     """A Hugging Face directory: `hf_config` (config.json as a dict) and its tensors by name.
 
@@ -72,17 +88,7 @@ class HFCheckpoint:
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory).expanduser()
-        config_path = self.directory / "config.json"
-        if not self.directory.is_dir():
-            raise CheckpointImportError(f"{self.directory}: no such directory")
-        if not config_path.is_file():
-            raise CheckpointImportError(
-                f"{self.directory}: no config.json (not a Hugging Face model directory)"
-            )
-        try:
-            self.hf_config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as error:
-            raise CheckpointImportError(f"{config_path}: invalid JSON ({error})") from None
+        self.hf_config = read_config(self.directory)
         self._files = self._weight_files()
         self._entries: dict[str, tuple[Path, dict, int]] = {}
         for path in sorted(set(self._files.values())):

@@ -150,7 +150,8 @@ def convert(checkpoint: HFCheckpoint, arch: dict, component_config: Mapping) -> 
         "position_embedding": take(f"{p}embeddings.position_embedding.weight"),
     }
     post_layernorm = norm(f"{p}post_layernorm")
-    if arch["pool"] != "none" or component_config["feature_norm"]:
+    feature_norm = "feature_norm" in component_config and component_config["feature_norm"]
+    if arch["pool"] != "none" or feature_norm:
         other["post_layernorm"] = post_layernorm
     if arch["class_token"]:
         other["class_embedding"] = take(f"{p}embeddings.class_embedding")
