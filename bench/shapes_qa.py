@@ -24,17 +24,23 @@ COLOURS = {
     "blue": (40, 60, 220),
     "yellow": (235, 210, 30),
 }
-BACKGROUNDS = ((0, 0, 0), (128, 128, 128), (255, 255, 255), (120, 80, 40))
+BACKGROUNDS = {
+    "black": (0, 0, 0),
+    "gray": (128, 128, 128),
+    "white": (255, 255, 255),
+    "brown": (120, 80, 40),
+}
 SHAPES = ("circle", "square", "triangle", "star")
 
 
-def draw_shape(rng: np.random.Generator) -> tuple[np.ndarray, str, str]:
-    """A uint8[H, W, 3] image with one shape; (image, shape, colour)."""
+def draw_shape(rng: np.random.Generator) -> tuple[np.ndarray, str, str, str]:
+    """A uint8[H, W, 3] image with one shape; (image, shape, colour, background name)."""
     from PIL import Image, ImageDraw
 
     width, height = (int(v) for v in rng.integers(48, 321, size=2))
     shape, colour = SHAPES[rng.integers(4)], list(COLOURS)[rng.integers(4)]
-    background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+    background_name = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+    background = BACKGROUNDS[background_name]
     image = Image.new("RGB", (width, height), background)
     draw = ImageDraw.Draw(image)
     side = min(width, height)
@@ -57,7 +63,7 @@ def draw_shape(rng: np.random.Generator) -> tuple[np.ndarray, str, str]:
             angle = -math.pi / 2 + k * math.pi / 5
             points.append((cx + r * math.cos(angle), cy + r * math.sin(angle)))
         draw.polygon(points, fill=fill)
-    return np.asarray(image), shape, colour
+    return np.asarray(image), shape, colour, background_name
 
 
 def main() -> None:
@@ -81,24 +87,26 @@ def main() -> None:
     prompt = run.config.evals.vqa.prompt
     rng = np.random.default_rng(args.seed)
     drawn = [draw_shape(rng) for _ in range(args.num)]
-    questions = [prompt.format(question=f"What color is the {shape}?") for _, shape, _ in drawn]
-    replies = generate.answer(run, questions, [[image] for image, _, _ in drawn], max_new_tokens=10)
+    questions = [prompt.format(question=f"What color is the {d[1]}?") for d in drawn]
+    replies = generate.answer(run, questions, [[d[0]] for d in drawn], max_new_tokens=10)
     correct = [
-        normalize_answer(first_line(r.text)) == colour
-        for r, (_, _, colour) in zip(replies, drawn, strict=True)
+        normalize_answer(first_line(r.text)) == d[2] for r, d in zip(replies, drawn, strict=True)
     ]
     print(
         f"drawn shapes: colour accuracy {100 * np.mean(correct):.1f}% over {args.num} (chance 25%)"
     )
-    by_colour: dict[str, list[bool]] = {}
-    for (_, _, colour), right in zip(drawn, correct, strict=True):
-        by_colour.setdefault(colour, []).append(right)
-    print(
-        "  by colour: "
-        + ", ".join(f"{c} {100 * np.mean(v):.0f}% (n={len(v)})" for c, v in by_colour.items())
-    )
-    for (_, shape, colour), reply in list(zip(drawn, replies, strict=True))[:5]:
-        print(f"  {colour} {shape} -> {reply.text!r}")
+    for label, field in (("colour", 2), ("shape", 1), ("background", 3)):
+        groups: dict[str, list[bool]] = {}
+        for d, right in zip(drawn, correct, strict=True):
+            groups.setdefault(d[field], []).append(right)
+        print(
+            f"  by {label}: "
+            + ", ".join(
+                f"{k} {100 * np.mean(v):.0f}% (n={len(v)})" for k, v in sorted(groups.items())
+            )
+        )
+    for (_, shape, colour, background), reply in list(zip(drawn, replies, strict=True))[:5]:
+        print(f"  {colour} {shape} on {background} -> {reply.text!r}")
 
     if args.photo:
         vocabulary = set(data.grammar_words())
