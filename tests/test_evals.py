@@ -52,3 +52,46 @@ def test_perplexity_by_hand_with_a_padded_last_batch():
     score = lambda params, batch: scores[batch["tokens"][:, 0]]
     result = PerplexityEvaluator({"score": score}, data=data, batch_size=2).run(None)
     assert result["perplexity"] == pytest.approx(np.exp(6.0 / 5.0))
+
+
+def test_perplexity_batches_are_cut_to_their_longest_row():
+    """Right padding past every row's end is dropped (rounded up to the bucket), nothing else."""
+    from jaxvlm.evals.perplexity import trim_padding
+
+    mask = np.zeros((2, 96), np.int32)
+    mask[0, :5], mask[1, :40] = 1, 1
+    batch = {"tokens": np.arange(192).reshape(2, 96), "mask": mask, "loss_mask": mask}
+    trimmed = trim_padding(batch, bucket=32)
+    assert all(value.shape == (2, 64) for value in trimmed.values())
+    np.testing.assert_array_equal(trimmed["tokens"], batch["tokens"][:, :64])
+    assert trim_padding({k: v[:, :50] for k, v in batch.items()}, bucket=32)["mask"].shape == (
+        2,
+        50,
+    )
+
+
+def test_trimming_keeps_a_real_lm_score(tiny_config):
+    """The per-example NLL sums of a Llama LM on right-padded rows are the same cut short."""
+    import flax.linen as nn
+    import jax
+
+    from jaxvlm import models, sharding
+    from jaxvlm.evals.perplexity import trim_padding
+    from jaxvlm.predict import predict_fns
+
+    config = tiny_config("backbones_pretrain", model="lm")
+    model = models.build_model(config)
+    params = nn.unbox(models.init_fn(model, config)(jax.random.key(0)))
+    score = predict_fns(model, sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}))["score"]
+    mask = np.zeros((8, 96), np.int32)
+    for row, length in enumerate((5, 17, 40, 2, 33, 9, 12, 30)):
+        mask[row, :length] = 1
+    tokens = np.where(mask, np.arange(96)[None] % 50 + 5, 0).astype(np.int32)
+    loss_mask = mask.copy()
+    loss_mask[:, 0] = 0
+    batch = {"tokens": tokens, "mask": mask, "loss_mask": loss_mask}
+    trimmed = trim_padding(batch)
+    assert trimmed["tokens"].shape == (8, 64)
+    np.testing.assert_allclose(
+        np.asarray(score(params, trimmed)), np.asarray(score(params, batch)), rtol=1e-5, atol=1e-5
+    )

@@ -82,18 +82,16 @@ def retrieval_set(
 def eval_texts(
     world, split: str | Sequence[str], tokenizer: Tokenizer, *, max_text_len: int
 ) -> grain.MapDataset:
-    """The texts of `split` (e.g. "validation") for perplexity, one per row: example i is
-    {"tokens", "mask", "loss_mask"}, each int32[T], as in the "text" training task, with T the
+    """The texts of `split` (e.g. "validation") for perplexity, one per row, shortest first (so
+    that batches of similar lengths can be cut short): example i is {"tokens", "mask",
+    "loss_mask"}, each int32[T] and right-padded, as in the "text" training task, with T the
     longest text (bos and eos included) rounded up to 8, at most `max_text_len`."""
     source = sources.text_source(world, split)
-    longest = (
-        max(
-            len(ids)
-            for ids in tokenizer.encode_batch([source[i]["text"] for i in range(len(source))])
-        )
-        + 2
-    )
-    dataset = grain.MapDataset.source(source)
+    texts = [source[i]["text"] for i in range(len(source))]
+    lengths = [len(ids) + 2 for ids in tokenizer.encode_batch(texts)]
+    order = np.argsort(lengths, kind="stable")
+    dataset = grain.MapDataset.source([{"text": texts[i]} for i in order])
+    longest = lengths[order[-1]]
     for step in text_transforms(tokenizer, min(max_text_len, -(-longest // 8) * 8)):
         dataset = dataset.map(step)
     return dataset

@@ -7,9 +7,21 @@ from __future__ import annotations
 
 import numpy as np
 
+# Batches are cut to their longest row rounded up to a multiple of this: right padding past every
+# row's end changes no score (causal attention, zero loss mask), and few lengths mean few compiles.
+LENGTH_BUCKET = 32
+
+
+def trim_padding(batch: dict, bucket: int = LENGTH_BUCKET) -> dict:
+    """The [B, T] arrays of a right-padded batch cut to its longest row rounded up to `bucket`."""
+    longest = int(np.asarray(batch["mask"]).sum(axis=1).max())
+    length = min(batch["mask"].shape[1], max(bucket, -(-longest // bucket) * bucket))
+    return {key: value[:, :length] for key, value in batch.items()}
+
 
 class PerplexityEvaluator:
-    """`data`: a source of {"tokens", "mask", "loss_mask"} examples (`jaxvlm.data.eval_texts`)."""
+    """`data`: a source of right-padded {"tokens", "mask", "loss_mask"} examples
+    (`jaxvlm.data.eval_texts`, ordered by length so that batches trim well)."""
 
     def __init__(self, predict_fns, *, data, batch_size: int):
         self.score = predict_fns["score"]
@@ -22,5 +34,6 @@ class PerplexityEvaluator:
         for batch in batches(self.data, self.batch_size):
             valid = batch.pop("valid")
             batch.pop("index")
-            sums += np.asarray(self.score(params, batch), np.float64)[valid].sum(axis=0)
+            scores = self.score(params, trim_padding(batch))
+            sums += np.asarray(scores, np.float64)[valid].sum(axis=0)
         return {"perplexity": float(np.exp(sums[0] / max(sums[1], 1.0)))}
