@@ -5,8 +5,8 @@ asked about its own image, about another scene's image, and with no image at all
 
 A model that reads pixels loses accuracy when the image is swapped for another scene's (the
 answer no longer matches what it sees); a model that answers from language priors scores the same
-in all three columns. The questions are a fixed random subset of the split's (seed 0), scored with
-VQAv2's accuracy (answers normalised, 10 references); uses the public API (`evaluate.load_run`,
+in all three columns. The questions are those the VQA evaluator asks (`eval_sets.vqa_question_pairs`),
+scored with VQAv2's accuracy (answers normalised, 10 references); uses the public API (`evaluate.load_run`,
 `generate.answer`).
 """
 
@@ -26,24 +26,19 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--split", default="test")
     parser.add_argument("--num", type=int, default=300, help="questions scored")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the swapped images")
     args = parser.parse_args()
 
     from jaxvlm import cache, data, evaluate, generate
-    from jaxvlm.data import conversations, sources
+    from jaxvlm.data import eval_sets
     from jaxvlm.evals.vqa import first_line, vqa_accuracy
 
     cache_dir = cache.resolve(args.cache_dir)
     run = evaluate.load_run(args.workdir, cache_dir=cache_dir)
     world = data.open_world(run.config.data.world, cache_dir)
-    scenes = sources.RecordSource(
-        world.as_data_source(args.split),
-        conversations.scene_parser(world.config.image_size),
-        name=f"scenes/{args.split}",
-    )
+    scenes = eval_sets.eval_scenes(world, args.split)
+    chosen = eval_sets.vqa_question_pairs(scenes, args.num)  # the VQA evaluator's questions
     rng = np.random.default_rng(args.seed)
-    pairs = [(s, q) for s in range(len(scenes)) for q in range(len(scenes[s]["questions"]))]
-    chosen = [pairs[i] for i in np.sort(rng.permutation(len(pairs))[: args.num])]
     questions = [scenes[s]["questions"][q] for s, q in chosen]
     own = [scenes[s]["image"] for s, _ in chosen]
     # Another scene's image for each question (a derangement of the chosen scenes).

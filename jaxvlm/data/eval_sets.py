@@ -117,7 +117,8 @@ def batches(source, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         yield batch
 
 
-def _eval_scenes(world, split: str) -> sources.RecordSource:
+def eval_scenes(world, split: str) -> sources.RecordSource:
+    """The split's readable scene records, parsed (`conversations.scene_parser`)."""
     parse = conversations.scene_parser(world.config.image_size)
     return sources.RecordSource(world.as_data_source(split), parse, name=f"scenes/{split}")
 
@@ -138,6 +139,17 @@ class PromptSet:
     references: list[list[str]]
 
 
+def vqa_question_pairs(scenes, num_examples: int = 0) -> list[tuple[int, int]]:
+    """(scene index, question index) of the questions `vqa_prompts` asks: a fixed subset of
+    `num_examples` (0 = all), in scene order."""
+    pairs = [
+        (scene, number)
+        for scene in range(len(scenes))
+        for number in range(len(scenes[scene]["questions"]))
+    ]
+    return [pairs[i] for i in _subset(len(pairs), num_examples)]
+
+
 def vqa_prompts(
     world,
     split: str,
@@ -150,13 +162,8 @@ def vqa_prompts(
 ) -> PromptSet:
     """The split's VQAv2-style questions (a fixed subset of `num_examples`, 0 = all), each asked
     with `prompt` ("{question}" slot) about its image."""
-    scenes = _eval_scenes(world, split)
-    pairs = [
-        (scene, number)
-        for scene in range(len(scenes))
-        for number in range(len(scenes[scene]["questions"]))
-    ]
-    pairs = [pairs[i] for i in _subset(len(pairs), num_examples)]
+    scenes = eval_scenes(world, split)
+    pairs = vqa_question_pairs(scenes, num_examples)
 
     def make(pair):
         scene, number = pair
@@ -180,7 +187,7 @@ def caption_prompts(
 ) -> PromptSet:
     """The split's images (a fixed subset of `num_examples`, 0 = all), each with `prompt`; the
     references are all of the image's captions."""
-    scenes = _eval_scenes(world, split)
+    scenes = eval_scenes(world, split)
     indices = _subset(len(scenes), num_examples).tolist()
 
     def make(scene):

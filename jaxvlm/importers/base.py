@@ -20,7 +20,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-__all__ = ["CheckpointImportError", "HFCheckpoint", "check_filled", "read_config"]
+__all__ = ["CheckpointImportError", "HFCheckpoint", "check_filled", "read_config", "unsupported"]
 
 _DTYPES = {
     "F64": np.float64,
@@ -60,6 +60,13 @@ def _read_header(path: Path) -> tuple[dict, int]:
             raise CheckpointImportError(f"{path}: not a safetensors file ({error})") from None
     header.pop("__metadata__", None)
     return header, 8 + length
+
+
+def unsupported(family: str, field: str, value, allowed: str) -> CheckpointImportError:
+    """The error for a config.json value an importer does not support (naming the field)."""
+    return CheckpointImportError(
+        f"config.json field {field}={value!r} is not supported by the {family} importer ({allowed})"
+    )
 
 
 def read_config(directory: str | Path) -> dict:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from jaxvlm.importers.base import CheckpointImportError, HFCheckpoint
+from jaxvlm.importers.base import CheckpointImportError, HFCheckpoint, unsupported
 from jaxvlm.llms.stack import merge_layers
 
 MODEL_TYPES = ("clip_vision_model", "clip", "siglip_vision_model", "siglip")
@@ -38,17 +38,11 @@ ARCHITECTURE_FIELDS = (
 IGNORED_SUFFIXES = ("position_ids",)
 
 
-def _refuse(field, value, allowed) -> CheckpointImportError:
-    return CheckpointImportError(
-        f"config.json field {field}={value!r} is not supported by the clip importer ({allowed})"
-    )
-
-
 def _vision_config(hf: dict) -> tuple[dict, bool]:
     """(the vision tower's config, whether it is SigLIP)."""
     model_type = hf.get("model_type")
     if model_type not in MODEL_TYPES:
-        raise _refuse("model_type", model_type, f"supported: {', '.join(MODEL_TYPES)}")
+        raise unsupported("clip", "model_type", model_type, f"supported: {', '.join(MODEL_TYPES)}")
     vision = hf["vision_config"] if model_type in ("clip", "siglip") else hf
     return vision, model_type.startswith("siglip")
 
@@ -58,9 +52,9 @@ def architecture(hf: dict) -> dict:
     vision, siglip = _vision_config(hf)
     act = vision.get("hidden_act", "gelu_pytorch_tanh" if siglip else "quick_gelu")
     if act not in HIDDEN_ACTS:
-        raise _refuse("hidden_act", act, f"supported: {', '.join(HIDDEN_ACTS)}")
+        raise unsupported("clip", "hidden_act", act, f"supported: {', '.join(HIDDEN_ACTS)}")
     if vision.get("num_channels", 3) != 3:
-        raise _refuse("num_channels", vision["num_channels"], "RGB images only")
+        raise unsupported("clip", "num_channels", vision["num_channels"], "RGB images only")
     return dict(
         image_size=int(vision["image_size"]),
         patch_size=int(vision["patch_size"]),

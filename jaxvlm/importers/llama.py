@@ -14,11 +14,10 @@ HF keeps Linear weights as [out, in]; our Dense kernels are [in, out], attention
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 
-from jaxvlm.importers.base import CheckpointImportError, HFCheckpoint
+from jaxvlm.importers.base import CheckpointImportError, HFCheckpoint, unsupported
 from jaxvlm.llms.stack import merge_layers
 
 MODEL_TYPES = ("llama", "qwen2")
@@ -53,12 +52,6 @@ ARCHITECTURE_FIELDS = (
 )
 
 
-def _refuse(field: str, value: Any, allowed: str) -> CheckpointImportError:
-    return CheckpointImportError(
-        f"config.json field {field}={value!r} is not supported by the llama importer ({allowed})"
-    )
-
-
 def _rope(hf: dict) -> tuple[float, dict | None]:
     """(rope_theta, our rope_scaling dict or None) from `rope_parameters` or the older fields."""
     parameters = hf.get("rope_parameters") or {}
@@ -68,7 +61,7 @@ def _rope(hf: dict) -> tuple[float, dict | None]:
         scaling = {k: v for k, v in parameters.items() if k != "rope_theta"}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind not in ROPE_TYPES:
-        raise _refuse("rope_type", kind, f"supported: {', '.join(ROPE_TYPES)}")
+        raise unsupported("llama", "rope_type", kind, f"supported: {', '.join(ROPE_TYPES)}")
     if kind == "default":
         return float(theta), None
     scaling["rope_type"] = kind
@@ -82,12 +75,14 @@ def architecture(hf: dict) -> dict:
     """Our `config.llm` architecture fields from a Llama / Qwen2 `config.json` dict."""
     model_type = hf.get("model_type")
     if model_type not in MODEL_TYPES:
-        raise _refuse("model_type", model_type, f"supported: {', '.join(MODEL_TYPES)}")
+        raise unsupported("llama", "model_type", model_type, f"supported: {', '.join(MODEL_TYPES)}")
     act = hf.get("hidden_act", "silu")
     if act not in HIDDEN_ACTS:
-        raise _refuse("hidden_act", act, f"supported: {', '.join(HIDDEN_ACTS)}")
+        raise unsupported("llama", "hidden_act", act, f"supported: {', '.join(HIDDEN_ACTS)}")
     if model_type == "qwen2" and hf.get("use_sliding_window", False):
-        raise _refuse("use_sliding_window", True, "sliding-window attention is not implemented")
+        raise unsupported(
+            "llama", "use_sliding_window", True, "sliding-window attention is not implemented"
+        )
     heads = int(hf["num_attention_heads"])
     theta, scaling = _rope(hf)
     return dict(
