@@ -156,3 +156,46 @@ def llama(preset: str) -> dict:
         )
     cpu = UNSCANNED_ON_CPU if preset.startswith("world_") else {}
     return {**LLAMA_DEFAULTS, **LLAMA_PRESETS[preset], **cpu}
+
+
+# OPT (Zhang et al., 2022) shapes, as their config.json files give them; `dim` is the width callers
+# see (HF word_embed_proj_dim), `layer_dim` the blocks' width (HF hidden_size). An HF directory in
+# `config.llm.checkpoint` overwrites these fields from its config.json (`resolve_architectures`).
+OPT_PRESETS = {
+    "opt_125m": dict(dim=768, layer_dim=768, depth=12, num_heads=12, mlp_dim=3072),
+    # The post-LN OPT: no final layer norm, 512-wide embeddings projected to 1024.
+    "opt_350m": dict(
+        dim=512,
+        layer_dim=1024,
+        depth=24,
+        num_heads=16,
+        mlp_dim=4096,
+        pre_layer_norm=False,
+        final_norm=False,
+    ),
+    # BLIP-2's decoder LLMs.
+    "opt_2.7b": dict(dim=2560, layer_dim=2560, depth=32, num_heads=32, mlp_dim=10240),
+    "opt_6.7b": dict(dim=4096, layer_dim=4096, depth=32, num_heads=32, mlp_dim=16384),
+}
+
+OPT_DEFAULTS = dict(
+    vocab_size=50272,
+    max_positions=2048,
+    hidden_act="relu",
+    pre_layer_norm=True,
+    final_norm=True,
+    use_bias=True,
+    norm_affine=True,
+    tie_embeddings=True,
+    num_added_embeddings=0,
+    scan_layers=True,
+    remat="none",
+    dtype="float32",
+    param_dtype="float32",
+)
+
+
+def opt(preset: str) -> dict:
+    if preset not in OPT_PRESETS:
+        raise ValueError(f"unknown OPT preset {preset!r}; known: {', '.join(sorted(OPT_PRESETS))}")
+    return {**OPT_DEFAULTS, **OPT_PRESETS[preset]}

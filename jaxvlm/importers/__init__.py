@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 
-from jaxvlm.importers import clip, llama
+from jaxvlm.importers import clip, llama, opt, t5
 from jaxvlm.importers.base import CheckpointImportError, HFCheckpoint, check_filled, read_config
 
 __all__ = [
@@ -40,7 +40,11 @@ logger = logging.getLogger(__name__)
 # config component → HF `model_type` → importer module (`architecture`, `convert`, `ignored_keys`).
 IMPORTERS: dict[str, dict[str, ModuleType]] = {
     "encoder": {model_type: clip for model_type in clip.MODEL_TYPES},
-    "llm": {model_type: llama for model_type in llama.MODEL_TYPES},
+    "llm": {
+        **{model_type: llama for model_type in llama.MODEL_TYPES},
+        **{model_type: opt for model_type in opt.MODEL_TYPES},
+        **{model_type: t5 for model_type in t5.MODEL_TYPES},
+    },
 }
 # Parameters a model may add beyond any checkpoint (initialised fresh, never imported).
 FRESH_PARAMETERS = ("added_embedding", "added_kernel")

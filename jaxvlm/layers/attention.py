@@ -13,6 +13,10 @@ KV cache (decoding): a `KVCache(k, v, index)` is passed in and a new one returne
 and values are written at slots `[index, index + T)` and the queries attend over all `S` slots,
 with the slots at or past `index + T` masked out. The caller's `mask` covers the `S` slots (see
 `masks.make_attention_mask` with `kv_positions`).
+
+Reused keys and values: every call returns its projected `keys_values`, and a later call given
+them back skips `k_proj`/`v_proj` (T5's decoder projects the encoder output once for all
+decoding steps).
 """
 
 from __future__ import annotations
@@ -53,10 +57,13 @@ class KVCache:
 
 @struct.dataclass
 class AttentionOutput:
-    """hidden: float[B, Tq, D_out]; cache: the updated `KVCache`, or None without one."""
+    """hidden: float[B, Tq, D_out]; cache: the updated `KVCache`, or None without one;
+    keys_values: (k, v) float[B, Tk, Hkv, Dh], this call's keys (after RoPE) and values before
+    any cache write, for a caller that passes them back as `keys_values` on later calls."""
 
     hidden: jax.Array
     cache: KVCache | None = None
+    keys_values: tuple[jax.Array, jax.Array] | None = None
 
 
 class Attention(nn.Module):
@@ -91,6 +98,7 @@ class Attention(nn.Module):
         positions: jax.Array | None = None,
         kv_positions: jax.Array | None = None,
         cache: KVCache | None = None,
+        keys_values: tuple[jax.Array, jax.Array] | None = None,
     ) -> AttentionOutput:
         """Attends from x to kv (x itself when kv is None).
 
@@ -102,9 +110,12 @@ class Attention(nn.Module):
           positions: int[B, Tq] — query positions for RoPE.
           kv_positions: int[B, Tk] — key positions for RoPE in cross-attention.
           cache: the `KVCache` to extend (self-attention decoding).
+          keys_values: (k, v) float[B, Tk, Hkv, Dh] from an earlier call's output, used as they
+            are: `kv`, `k_proj`, `v_proj` and RoPE are skipped (cross-attention keys and values
+            computed once for many calls).
 
         Returns:
-          AttentionOutput(hidden float[B, Tq, out_dim or D], cache).
+          AttentionOutput(hidden float[B, Tq, out_dim or D], cache, keys_values).
         """
         num_kv_heads = self.num_kv_heads or self.num_heads
         if self.num_heads % num_kv_heads:
@@ -112,12 +123,17 @@ class Attention(nn.Module):
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={num_kv_heads}"
             )
         q = self._project(x, self.num_heads, "q_proj")
-        k = self._project(x if kv is None else kv, num_kv_heads, "k_proj")
-        v = self._project(x if kv is None else kv, num_kv_heads, "v_proj")
         if self.rope_theta is not None:
             q = apply_rope(q, positions, self.rope_theta, self.rope_scaling)
-            k_positions = positions if kv is None else kv_positions
-            k = apply_rope(k, k_positions, self.rope_theta, self.rope_scaling)
+        if keys_values is None:
+            k = self._project(x if kv is None else kv, num_kv_heads, "k_proj")
+            v = self._project(x if kv is None else kv, num_kv_heads, "v_proj")
+            if self.rope_theta is not None:
+                k_positions = positions if kv is None else kv_positions
+                k = apply_rope(k, k_positions, self.rope_theta, self.rope_scaling)
+        else:
+            k, v = keys_values
+        keys_values = (k, v)
         if cache is not None:
             k, v, mask, cache = _update_cache(cache, k, v, mask)
         q, k, v = (nn.with_logical_constraint(t, HEAD_ACTIVATION) for t in (q, k, v))
@@ -139,7 +155,7 @@ class Attention(nn.Module):
             param_dtype=self.param_dtype,
             name="o_proj",
         )(out)
-        return AttentionOutput(hidden=out, cache=cache)
+        return AttentionOutput(hidden=out, cache=cache, keys_values=keys_values)
 
     def _project(self, x: jax.Array, num_heads: int, name: str) -> jax.Array:
         """float[B, T, D] → float[B, T, heads, Dh]."""

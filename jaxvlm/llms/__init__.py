@@ -7,15 +7,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from jaxvlm.components import build_component
-from jaxvlm.llms import llama
+from jaxvlm.llms import llama, opt, t5
 from jaxvlm.llms.llama import DecoderCache, DecoderOutput, Llama
+from jaxvlm.llms.opt import Opt
 
-__all__ = ["LLMS", "DecoderCache", "DecoderOutput", "Llama", "build_llm"]
+__all__ = ["LLMS", "DecoderCache", "DecoderOutput", "Llama", "Opt", "build_llm"]
 
-LLMS = {"llama": llama.Llama}
+LLMS = {"llama": llama.Llama, "opt": opt.Opt, "t5": t5.T5}
 
 
-def build_llm(cfg: Mapping, *, where: str = "config.llm", **overrides: Any) -> Llama:
+def build_llm(cfg: Mapping, *, where: str = "config.llm", **overrides: Any) -> Llama | Opt:
     """`LLMS[cfg.name](**fields)`; `where` names the config block in errors (e.g.
     `config.text_encoder`)."""
     return build_component(LLMS, cfg, where, **overrides)

@@ -302,7 +302,7 @@ def test_build_llm_from_config():
     assert model.param_dtype == jnp.bfloat16 and model.depth == DEPTH
     with pytest.raises(ValueError, match=r"config.llm.hiden is not a field of Llama"):
         build_llm({"name": "llama", **TINY, "hiden": 3})
-    with pytest.raises(ValueError, match=r"known names: \['llama'\]"):
+    with pytest.raises(ValueError, match=r"known names: \[.*'llama'"):
         build_llm({"name": "gpt5"})
     with pytest.raises(ValueError, match=r"config.text_encoder.x is not a field"):
         build_llm({"name": "llama", **TINY, "x": 1}, where="config.text_encoder")
