@@ -22,7 +22,12 @@ being the newly generated ones (EOS or the template's stop string included when 
 go to stderr. --chat talks turn by turn: type a message, read the answer; the images go in the
 first user turn; an empty line or end of input ends it. Decoding is greedy unless --temperature is
 above 0, which samples with --top-k, --top-p and --seed (per-prompt keys: a prompt's sample does
-not depend on the others). Beam search (--num-beams above 1) is not available yet.
+not depend on the others), or --num-beams is above 1: beam search as transformers' `generate`
+does it, answering with the best hypothesis, with --length-penalty A (a finished hypothesis scores
+sum log p / length ** A) and --early-stopping true|false|never. An unset --num-beams,
+--length-penalty or --early-stopping takes the value of the model directory's
+generation_config.json (or config.json) when it gives one, else 1, 1.0 and false, transformers'
+defaults. --min-new-tokens N keeps EOS out of the first N generated tokens.
 
 From Python (a notebook):
   from jaxvlm import evaluate, generate
@@ -31,6 +36,7 @@ From Python (a notebook):
   out.text, out.token_ids
   from jaxvlm.decoding import Decoding  # sampling instead of greedy:
   generate.answer(run, prompts, images, decoding=Decoding(temperature=1.0, top_k=20), seed=1)
+  generate.answer(run, prompts, images, decoding=Decoding(num_beams=3, early_stopping=True))
 
 `answer` decodes through `predict.generate_fn`, the evaluators' path, which runs the KV-cache loop
 of `jaxvlm.decoding`. jax is imported inside the functions, so that --help answers at once.
@@ -222,8 +228,8 @@ def answer(
     tokens) and must hold one `<image>` per image. Generation stops at EOS, at the template's stop
     string (none without a template, as with transformers' `generate`), or after
     `max_new_tokens`. Prompts are decoded in batches, left-padded to the run's context, with the
-    decode path of the evaluators (`predict.generate_fn`): greedy answers equal those of one
-    prompt at a time, and a sample depends only on (seed, its example index).
+    decode path of the evaluators (`predict.generate_fn`): greedy and beam search answers equal
+    those of one prompt at a time, and a sample depends only on (seed, its example index).
 
     Args:
       run: a `LoadedRun` (config, model, params, tokenizer, preprocessing, mesh).
@@ -235,7 +241,7 @@ def answer(
         user turn of the conversation, unless it holds placeholders.
       use_template: False encodes the raw prompt (see above).
       max_new_tokens: the most tokens generated per prompt.
-      decoding: greedy (default) or sampling settings.
+      decoding: greedy (default), sampling or beam search settings, and min_new_tokens.
       seed: the sampling seed.
       example_indices: each prompt's index for its sampling key (default 0..P-1), so a batched
         sample can be reproduced one prompt at a time.
@@ -341,9 +347,14 @@ def _parser() -> argparse.ArgumentParser:
     decoding = parser.add_argument_group("decoding")
     decoding.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
     decoding.add_argument(
-        "--num-beams", type=int, default=1, metavar="K", help="1 (beam search not available yet)"
+        "--min-new-tokens", type=int, default=0, metavar="N", help="no EOS before N new tokens"
     )
-    decoding.add_argument("--length-penalty", type=float, default=None, metavar="A")
+    decoding.add_argument(
+        "--num-beams", type=int, default=None, metavar="K", help="above 1: beam search"
+    )
+    decoding.add_argument(
+        "--length-penalty", type=float, default=None, metavar="A", help="beam score: / length ** A"
+    )
     decoding.add_argument("--early-stopping", choices=("true", "false", "never"), default=None)
     decoding.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     decoding.add_argument("--top-k", type=int, default=0, metavar="K", help="0: no limit")
@@ -364,15 +375,15 @@ def _check_flags(args) -> Decoding:
             f"--checkpoint {args.checkpoint}: importing Hugging Face or GGUF checkpoints is not "
             "available yet (it arrives with real weights); give a jaxvlm run with --workdir"
         )
-    if args.num_beams < 1:
+    if args.num_beams is not None and args.num_beams < 1:
         raise ValueError(f"--num-beams must be ≥ 1, got {args.num_beams}")
-    if args.num_beams > 1:
+    if args.num_beams is not None and args.num_beams > 1 and args.temperature > 0:
         raise ValueError(
-            f"--num-beams {args.num_beams}: beam search is not available yet; use --num-beams 1 "
-            "(greedy, or sampling with --temperature)"
+            f"--num-beams {args.num_beams} is beam search, which does not sample: drop "
+            f"--temperature {args.temperature} (or use --num-beams 1)"
         )
-    if args.length_penalty is not None or args.early_stopping is not None:
-        logger.warning("--length-penalty and --early-stopping apply to beam search only: ignored")
+    if args.min_new_tokens < 0:
+        raise ValueError(f"--min-new-tokens must be ≥ 0, got {args.min_new_tokens}")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be ≥ 1, got {args.max_new_tokens}")
     if not args.prompt and not args.chat:
@@ -380,12 +391,46 @@ def _check_flags(args) -> Decoding:
     if args.chat and args.no_template:
         raise ValueError("--chat keeps the conversation in the chat template: drop --no-template")
     try:
-        decoding = Decoding(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        decoding = Decoding(
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            min_new_tokens=args.min_new_tokens,
+            **_beam_settings(args),
+        )
     except ValueError as error:  # name the flag: "Decoding.top_k" → "--top-k"
         raise ValueError(str(error).replace("Decoding.", "--").replace("_", "-")) from None
     if decoding.greedy and (args.top_k or args.top_p != 1):
         logger.warning("--top-k and --top-p apply to sampling only (--temperature > 0): ignored")
+    if not decoding.beam_search and (args.length_penalty, args.early_stopping) != (None, None):
+        logger.warning("--length-penalty and --early-stopping apply to beam search only: ignored")
     return decoding
+
+
+def _beam_settings(args) -> dict:
+    """`Decoding`'s num_beams, length_penalty and early_stopping: the flags, or for an unset one
+    the model directory's generation_config.json / config.json value (transformers' defaults when
+    neither gives it). Sampling (--temperature > 0) keeps one beam unless --num-beams says more."""
+    from jaxvlm.importers.generation_config import GenerationDefaults, generation_defaults
+
+    source = args.workdir if args.workdir is not None else args.checkpoint
+    is_directory = source is not None and os.path.isdir(source)
+    defaults = generation_defaults(source) if is_directory else GenerationDefaults()
+    num_beams = args.num_beams
+    if num_beams is None:
+        num_beams = 1 if args.temperature > 0 else defaults.num_beams
+    early_stopping = {"true": True, "false": False, "never": "never", None: None}
+    return dict(
+        num_beams=num_beams,
+        length_penalty=(
+            defaults.length_penalty if args.length_penalty is None else args.length_penalty
+        ),
+        early_stopping=(
+            defaults.early_stopping
+            if args.early_stopping is None
+            else early_stopping[args.early_stopping]
+        ),
+    )
 
 
 def _images_per_prompt(num_prompts: int, images: list) -> list[list]:

@@ -77,6 +77,10 @@ def test_stdout_holds_one_answer_per_prompt(workdirs, cache_dir, odd_image, caps
     status, lines, err = _main(capsys, *args, *three, *prompts, "--max-new-tokens", NEW_TOKENS)
     assert status == 0, err
     assert len(lines) == len(PROMPTS)
+    beam = ["--num-beams", "2", "--early-stopping", "true"]
+    status, beam_lines, err = _main(capsys, *args, *three, *prompts, *beam, "--max-new-tokens=3")
+    assert status == 0, err
+    assert len(beam_lines) == len(PROMPTS)
 
 
 def test_json_lines_have_the_documented_schema(workdirs, cache_dir, capsys):
@@ -108,8 +112,8 @@ def _images(odd_image):
 
 @pytest.mark.parametrize(
     "decoding",
-    [Decoding(), Decoding(temperature=1.0, top_k=20)],
-    ids=["greedy", "sampling"],
+    [Decoding(), Decoding(temperature=1.0, top_k=20), Decoding(num_beams=3, length_penalty=0.5)],
+    ids=["greedy", "sampling", "beam"],
 )
 def test_batched_answers_equal_one_by_one(vlm_run, odd_image, decoding):
     images = _images(odd_image)
@@ -216,7 +220,10 @@ def _bad_inputs(workdirs, tmp, odd_image):
             "no images",
         ),
         "checkpoint": (["--checkpoint", tmp / "model.gguf", "--prompt", "hi"], "not available yet"),
-        "beams": (["--workdir", vlm, "--prompt", "hi", "--num-beams", "2"], "beam search"),
+        "beams": (
+            ["--workdir", vlm, "--prompt", "hi", "--num-beams", "2", "--temperature", "1"],
+            "does not sample",
+        ),
         "early stopping": (["--workdir", vlm, "--prompt", "hi", "--early-stopping=maybe"], "maybe"),
         "no prompt": (["--workdir", vlm], "--prompt"),
     }
