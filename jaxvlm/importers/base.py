@@ -20,7 +20,14 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-__all__ = ["CheckpointImportError", "HFCheckpoint", "check_filled", "read_config", "unsupported"]
+__all__ = [
+    "CheckpointImportError",
+    "HFCheckpoint",
+    "check_filled",
+    "linear_kernel",
+    "read_config",
+    "unsupported",
+]
 
 _DTYPES = {
     "F64": np.float64,
@@ -60,6 +67,18 @@ def _read_header(path: Path) -> tuple[dict, int]:
             raise CheckpointImportError(f"{path}: not a safetensors file ({error})") from None
     header.pop("__metadata__", None)
     return header, 8 + length
+
+
+def linear_kernel(weight: np.ndarray, kind: str, heads: int, head_dim: int) -> np.ndarray:
+    """An HF `nn.Linear` weight [out, in] as our kernel: "dense" [in, out]; "heads_in" (q, k, v:
+    [H·Dh, D]) → [D, H, Dh]; "heads_out" (o: [D, H·Dh]) → [H, Dh, D]."""
+    if kind == "heads_in":
+        return weight.T.reshape(-1, heads, head_dim)
+    if kind == "heads_out":
+        return weight.T.reshape(heads, head_dim, -1)
+    if kind != "dense":
+        raise ValueError(f"unknown kernel kind {kind!r}")
+    return weight.T
 
 
 def unsupported(family: str, field: str, value, allowed: str) -> CheckpointImportError:

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from jaxvlm.importers.base import CheckpointImportError, HFCheckpoint, unsupported
+from jaxvlm.importers.base import CheckpointImportError, HFCheckpoint, linear_kernel, unsupported
 from jaxvlm.importers.llama import HIDDEN_ACTS
 from jaxvlm.llms.stack import merge_layers
 
@@ -94,13 +94,6 @@ def convert(checkpoint: HFCheckpoint, arch: dict, component_config: Mapping) -> 
     head_dim = arch["layer_dim"] // heads
     take = checkpoint.take
 
-    def kernel(weight: np.ndarray, kind: str) -> np.ndarray:
-        if kind == "heads_in":  # [H·Dh, D] → [D, H, Dh]
-            return weight.T.reshape(-1, heads, head_dim)
-        if kind == "heads_out":  # [D, H·Dh] → [H, Dh, D]
-            return weight.T.reshape(heads, head_dim, -1)
-        return weight.T
-
     def norm(key: str) -> dict:
         if not arch["norm_affine"]:
             return {}
@@ -111,7 +104,7 @@ def convert(checkpoint: HFCheckpoint, arch: dict, component_config: Mapping) -> 
         prefix = f"model.decoder.layers.{i}."
         layer: dict = {}
         for path, (key, kind) in LAYER_TABLE.items():
-            entry = {"kernel": kernel(take(prefix + key + ".weight"), kind)}
+            entry = {"kernel": linear_kernel(take(prefix + key + ".weight"), kind, heads, head_dim)}
             if arch["use_bias"]:
                 bias = take(prefix + key + ".bias")
                 entry["bias"] = bias.reshape(heads, head_dim) if kind == "heads_in" else bias
