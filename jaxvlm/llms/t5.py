@@ -38,7 +38,9 @@ reuse them (a static check of their length, so no branch is traced), saving 2 pr
 per-layer arrays and on axis 0 of the others, so beam search can repeat and reorder it;
 `encoder_mask` is read from the call every time. `t5_decoder` wraps all this as a
 `decoding.Decoder`: the encoder output and its mask travel in `decoder_inputs`, and the decoder
-prompt is `[decoder_start_token_id]` (HF uses the pad id).
+prompt is `[decoder_start_token_id]` (HF uses the pad id). `t5_generate` does the whole of HF's
+`generate` for an encoder-decoder: encode once, then greedy, sampling or beam search on the decoder
+(tests/test_beam_search_t5.py: identical ids to transformers for beams 1, 3, 5).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxvlm.decoding import Decoder
+from jaxvlm.decoding import Decoder, Decoding, GenerateOutput, generate
 from jaxvlm.layers.attention import Attention, KVCache
 from jaxvlm.layers.embeddings import Embed, LMHead
 from jaxvlm.layers.masks import make_attention_mask
@@ -69,6 +71,7 @@ __all__ = [
     "T5Stack",
     "relative_position_bucket",
     "t5_decoder",
+    "t5_generate",
 ]
 
 EMBED_ACTIVATION = ("batch", "length", "embed")
@@ -551,3 +554,72 @@ def t5_decoder(model: T5, scope: str | None = "llm") -> Decoder:
         )
 
     return Decoder(apply=apply, init_cache=model.init_cache)
+
+
+@functools.cache
+def _compiled_encode(model: T5, scope: str | None):
+    """One jitted `T5.encode` per (model, scope); jax.jit adds one per input shapes."""
+
+    def encode(params, tokens, mask, embeddings):
+        variables = {"params": params if scope is None else params[scope]}
+        return model.apply(variables, tokens, mask, embeddings=embeddings, method=T5.encode)
+
+    return jax.jit(encode)
+
+
+def t5_generate(
+    model: T5,
+    params,
+    tokens: jax.Array | None,
+    mask: jax.Array | None = None,
+    *,
+    embeddings: jax.Array | None = None,
+    max_new_tokens: int,
+    eos_id: int | tuple[int, ...] | None,
+    pad_id: int,
+    decoder_start_id: int,
+    decoding: Decoding | None = None,
+    scope: str | None = "llm",
+    seed: int = 0,
+    example_indices: jax.Array | None = None,
+) -> GenerateOutput:
+    """Encoder input → generated decoder tokens, as transformers' `generate` for T5.
+
+    The encoder runs once (jitted); `decoding.generate` then decodes from the prompt
+    `[decoder_start_id]` (HF's `decoder_start_token_id`, the pad id for T5) with the encoder
+    output and mask as `decoder_inputs` (beam search repeats them per beam). The start token is
+    not part of the output (HF's `sequences[:, 1:]`).
+
+    Args:
+      model, params: a `T5` and its parameters, `params[scope]` (all of `params` if scope None).
+      tokens: int[B, S] encoder input, padded on either side; or None with `embeddings`
+        float[B, S, D] (e.g. BLIP-2's query outputs followed by `T5.embed(text tokens)`).
+      mask: int or bool[B, S] — 1 for real encoder tokens. Default: all real.
+      max_new_tokens, eos_id, pad_id, seed, example_indices: as `decoding.generate`.
+      decoding: greedy (None, the default), sampling or beam search settings (`Decoding`).
+      decoder_start_id: the decoder's first input token.
+
+    Returns:
+      GenerateOutput(tokens int32[B·R, N], lengths int32[B·R], scores float32[B·R] or None), R
+      = `decoding.num_return_sequences`.
+    """
+    source = tokens if embeddings is None else embeddings
+    if source is None:
+        raise ValueError("t5_generate: pass tokens or embeddings")
+    batch_size, length = source.shape[:2]
+    mask = jnp.ones((batch_size, length), bool) if mask is None else jnp.asarray(mask, bool)
+    tokens = None if tokens is None else jnp.asarray(tokens, jnp.int32)
+    encoded = _compiled_encode(model, scope)(params, tokens, mask, embeddings)
+    return generate(
+        t5_decoder(model, scope),
+        params,
+        jnp.full((batch_size, 1), decoder_start_id, jnp.int32),
+        jnp.ones((batch_size, 1), bool),
+        max_new_tokens=max_new_tokens,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        decoding=Decoding() if decoding is None else decoding,
+        seed=seed,
+        example_indices=example_indices,
+        decoder_inputs=dict(encoder_output=encoded, encoder_mask=mask),
+    )
