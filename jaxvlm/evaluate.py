@@ -107,7 +107,7 @@ def load_run(
         step=step,
         model=model,
         params=setup.state.params,
-        tokenizer=data_lib.Tokenizer.from_file(str(workdir / "tokenizer.json")),
+        tokenizer=data_lib.Tokenizer.from_directory(str(workdir)),
         preprocessing=data_lib.ImagePreprocessing.load(str(workdir / "preprocessing.json")),
         mesh=mesh,
     )
@@ -118,15 +118,25 @@ def blind_params(config, params):
     .checkpoint`; the run's own LLM when it has no source), for the blind baseline."""
     import jax
 
-    from jaxvlm import checkpoint
+    from jaxvlm import checkpoint, importers
 
     source = config.llm.checkpoint
     if not source:
         logger.warning("config.llm.checkpoint is empty: the blind baseline uses the run's own LLM")
         return params
     flat = checkpoint.flatten_params(params)
-    loaded = {k: v for k, v in checkpoint.read_params(source).items() if k.startswith("llm/")}
-    missing = sorted(k for k in flat if k.startswith("llm/") and k not in loaded)
+    if checkpoint.detect_source_kind(source) == "jaxvlm":
+        loaded = {k: v for k, v in checkpoint.read_params(source).items() if k.startswith("llm/")}
+    elif importers.vlm_importer(source) is not None:  # a finished LLaVA: its own LLM
+        whole = importers.vlm_importer(source).load_params(source, config, flat)
+        loaded = {k: v for k, v in whole.items() if k.startswith("llm/")}
+    else:  # an HF directory or a .gguf file: its tensors, imported as in training
+        loaded = importers.load_component("llm", source, config.llm, flat)
+    # Rows the model adds beyond the source (an `<image>` embedding) keep the run's values.
+    fresh = tuple(f"/{name}" for name in importers.FRESH_PARAMETERS)
+    missing = sorted(
+        k for k in flat if k.startswith("llm/") and k not in loaded and not k.endswith(fresh)
+    )
     if missing:
         raise ValueError(f"the LLM source {source} lacks parameters {missing[:5]}")
     for key, value in loaded.items():

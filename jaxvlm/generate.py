@@ -104,7 +104,12 @@ class _PromptFormat:
                 f"the run in {run.workdir} is config.model={config.model!r}, which does not "
                 "generate text; generate needs a 'vlm' or an 'lm' run"
             )
-        has_template = use_template and config.data.task not in PLAIN_TEXT_TASKS
+        # An empty template: an imported LLM that ships none (a base model) reads plain text too.
+        has_template = (
+            use_template
+            and config.data.task not in PLAIN_TEXT_TASKS
+            and bool(config.template.template)
+        )
         is_vlm = config.model == "vlm"
         return cls(
             tokenizer=run.tokenizer,
@@ -138,7 +143,9 @@ class _PromptFormat:
                 "language model (config.model='lm'): it takes no images"
             )
         messages = [*history, {"role": "user", "content": prompt}]
-        if self.use_template and self.template is None:  # plain text, as in training: BOS + text
+        # Plain text, as in training: BOS + text. A VLM without a chat template (an imported
+        # LLaVA that ships none) reads the prompt as its processor does instead (below).
+        if self.use_template and self.template is None and self.image_token_id is None:
             tokenizer = self.tokenizer
             ids = np.asarray(tokenizer.encode(prompt, add_bos=tokenizer.bos_id is not None))
         else:
@@ -181,16 +188,31 @@ def _pixels(image, preprocessing, where: str) -> np.ndarray:
         raise ValueError(f"{where}: {error}") from None
 
 
+# Prompts are left-padded to a power of two from this many tokens (capped at the context): few
+# compiled shapes, and no 8k-token prefill for a short prompt to a model with a long context.
+MIN_PADDED_LENGTH = 64
+
+
+def padded_length(longest: int, context: int) -> int:
+    """The smallest power of two ≥ `longest` (and ≥ MIN_PADDED_LENGTH), at most `context`."""
+    length = MIN_PADDED_LENGTH
+    while length < longest:
+        length *= 2
+    return min(length, context)
+
+
 def _batch(fmt: _PromptFormat, prompt_ids, pixels, num_rows: int) -> dict[str, np.ndarray]:
-    """The left-padded batch of `predict.generate_fn`: prompts padded to the context (fixed
-    shapes: one compile per batch size, and answers that do not depend on the other prompts), rows
-    to `num_rows` with copies of row 0 (every row needs a real token and matching image slots)."""
+    """The left-padded batch of `predict.generate_fn`: prompts padded to `padded_length` of the
+    longest (a prompt's answer depends on the others only through that bucket, which short
+    prompts share), rows to `num_rows` with copies of row 0 (every row needs a real token and
+    matching image slots)."""
     import numpy as np
 
     from jaxvlm.data import conversations
 
     pad_id = fmt.tokenizer.pad_id or 0
-    rows = [conversations.pad_left(ids, fmt.context, pad_id) for ids in prompt_ids]
+    length = padded_length(max(len(ids) for ids in prompt_ids), fmt.context)
+    rows = [conversations.pad_left(ids, length, pad_id) for ids in prompt_ids]
     rows += rows[:1] * (num_rows - len(rows))
     batch = {"tokens": np.stack([r[0] for r in rows]), "mask": np.stack([r[1] for r in rows])}
     if fmt.image_token_id is not None:
@@ -227,7 +249,8 @@ def answer(
     `use_template=False` a prompt is encoded exactly as `tokenizer(prompt)` (its own special
     tokens) and must hold one `<image>` per image. Generation stops at EOS, at the template's stop
     string (none without a template, as with transformers' `generate`), or after
-    `max_new_tokens`. Prompts are decoded in batches, left-padded to the run's context, with the
+    `max_new_tokens`. Prompts are decoded in batches, left-padded to a power of two
+    (`padded_length`), with the
     decode path of the evaluators (`predict.generate_fn`): greedy and beam search answers equal
     those of one prompt at a time, and a sample depends only on (seed, its example index).
 
@@ -330,7 +353,7 @@ def _parser() -> argparse.ArgumentParser:
     selector = model.add_mutually_exclusive_group(required=True)
     selector.add_argument("--workdir", help="a jaxvlm run directory (train or convert wrote it)")
     selector.add_argument(
-        "--checkpoint", help="a Hugging Face directory or .gguf file (not available yet)"
+        "--checkpoint", help="a Hugging Face directory or .gguf file, converted on load"
     )
     model.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
     prompting = parser.add_argument_group("prompts")
@@ -370,11 +393,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check_flags(args) -> Decoding:
     """Flag errors that need no model, raised before anything is loaded."""
-    if args.checkpoint is not None:
-        raise ValueError(
-            f"--checkpoint {args.checkpoint}: importing Hugging Face or GGUF checkpoints is not "
-            "available yet (it arrives with real weights); give a jaxvlm run with --workdir"
-        )
+    if args.checkpoint is not None and args.step is not None:
+        raise ValueError("--step selects a checkpoint of --workdir; --checkpoint has one model")
     if args.num_beams is not None and args.num_beams < 1:
         raise ValueError(f"--num-beams must be ≥ 1, got {args.num_beams}")
     if args.num_beams is not None and args.num_beams > 1 and args.temperature > 0:
@@ -495,7 +515,12 @@ def main(argv: list[str] | None = None) -> None:
         cli.start_runtime(cache_dir)
         from jaxvlm import evaluate
 
-        run = evaluate.load_run(args.workdir, cache_dir=cache_dir, step=args.step)
+        if args.checkpoint is not None:
+            from jaxvlm import convert
+
+            run = convert.load_imported(args.checkpoint, cache_dir=cache_dir)
+        else:
+            run = evaluate.load_run(args.workdir, cache_dir=cache_dir, step=args.step)
         settings = dict(
             use_template=not args.no_template,
             max_new_tokens=args.max_new_tokens,

@@ -144,20 +144,21 @@ def load_pretrained(config, params_shape) -> dict[str, np.ndarray]:
     """Flat `{path: array}` from `config.init_from` and every component's `checkpoint` field."""
     flat_shape = checkpoint.flatten_params(params_shape)
     loaded: dict[str, np.ndarray] = {}
+    whole_vlms: dict[str, dict[str, np.ndarray]] = {}  # a LLaVA directory is read once
     for component in config_utils.MODEL_COMPONENTS:
         if component in config and "checkpoint" in config[component]:
             source = config[component].checkpoint
             if source:
                 kind = checkpoint.detect_source_kind(source)
                 prefix = f"{component}/"
-                if kind == "hf":
+                vlm_importer = importers.vlm_importer(source) if kind == "hf" else None
+                if vlm_importer is not None:
+                    if source not in whole_vlms:
+                        whole_vlms[source] = vlm_importer.load_params(source, config, flat_shape)
+                    taken = {k: v for k, v in whole_vlms[source].items() if k.startswith(prefix)}
+                elif kind in ("hf", "gguf"):
                     taken = importers.load_component(
                         component, source, config[component], flat_shape
-                    )
-                elif kind == "gguf":
-                    raise checkpoint.FrozenSourceError(
-                        f"config.{component}.checkpoint={source}: GGUF files cannot be loaded yet "
-                        "(convert the model to a Hugging Face directory)"
                     )
                 else:
                     params = checkpoint.read_params(source)
@@ -271,8 +272,72 @@ def save_checkpoint(checkpointer, state, iterator, config, setup: StateSetup) ->
 
 
 def write_run_files(workdir: Path, config, tokenizer, preprocessing) -> None:
-    """`config.json`, `tokenizer.json`, `preprocessing.json` (INTERFACES.md §2)."""
+    """`config.json`, `tokenizer.json` (+ `tokenizer_config.json`: special-token names and chat
+    template), `preprocessing.json` (INTERFACES.md §2)."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(config_utils.to_dict(config), indent=2))
-    tokenizer.save(workdir / "tokenizer.json")
+    tokenizer.save_directory(workdir)
     preprocessing.save(workdir / "preprocessing.json")
+
+
+TEMPLATE_FROM_TOKENIZER = "from_tokenizer"
+
+
+def run_tokenizer(config):
+    """The tokenizer `config.data.tokenizer` names, checked against the model.
+
+    "world": the synthetic world's; "llm": the one shipped with `config.llm.checkpoint`; else a
+    path (HF directory, `.gguf`, jaxvlm workdir). A VLM's image placeholder
+    (`config.template.image_placeholder`) is added as a special token when the tokenizer lacks it
+    (a real LLM's embedding gets it through `num_added_embeddings`), and must then have the id
+    `config.data.image_token_id`. Every id must have an embedding row in the LLM.
+    """
+    from jaxvlm import data as data_lib
+
+    source = config.data.tokenizer
+    if source == "world":
+        tokenizer = data_lib.world_tokenizer()
+    else:
+        if source == "llm":
+            if "checkpoint" not in config.llm or not config.llm.checkpoint:
+                raise config_utils.ConfigError(
+                    "config.data.tokenizer='llm' takes the tokenizer of config.llm.checkpoint, "
+                    "which is empty"
+                )
+            source = config.llm.checkpoint
+        try:
+            tokenizer = data_lib.load_tokenizer(source)
+        except ValueError as error:
+            raise config_utils.ConfigError(f"config.data.tokenizer: {error}") from None
+    if config.model == "vlm":
+        placeholder = config.template.image_placeholder
+        image_id = tokenizer.token_to_id(placeholder)
+        if image_id is None:
+            [image_id] = tokenizer.add_special_tokens([placeholder])
+        if image_id != config.data.image_token_id:
+            raise config_utils.ConfigError(
+                f"config.data.image_token_id={config.data.image_token_id}, but the tokenizer "
+                f"({config.data.tokenizer}) gives {placeholder!r} the id {image_id}"
+            )
+    if config.llm.name != "none" and "vocab_size" in config.llm:
+        rows = config.llm.vocab_size + config.llm.get("num_added_embeddings", 0)
+        if tokenizer.vocab_size > rows:
+            raise config_utils.ConfigError(
+                f"the tokenizer ({config.data.tokenizer}) has {tokenizer.vocab_size} tokens, more "
+                f"than the LLM's {rows} embedding rows (config.llm.vocab_size + "
+                "config.llm.num_added_embeddings)"
+            )
+    return tokenizer
+
+
+def resolve_template(config, tokenizer) -> None:
+    """`config.template.template = "from_tokenizer"` becomes the tokenizer's own chat template."""
+    if config.template.template != TEMPLATE_FROM_TOKENIZER:
+        return
+    if not tokenizer.chat_template:
+        raise config_utils.ConfigError(
+            f"config.template.template='{TEMPLATE_FROM_TOKENIZER}', but the tokenizer "
+            f"({config.data.tokenizer}) has no chat template"
+        )
+    with config.unlocked():
+        config.template.template = tokenizer.chat_template

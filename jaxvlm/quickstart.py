@@ -23,7 +23,7 @@ import logging
 import time
 from pathlib import Path
 
-from jaxvlm import cli
+from jaxvlm import cli, config_utils
 
 logger = logging.getLogger("jaxvlm.quickstart")
 
@@ -58,25 +58,6 @@ def parse_bridges(text: str) -> list[str]:
             f"--bridges {text!r}: unknown recipe(s) {unknown}; known: {', '.join(RECIPES)}, all"
         )
     return names
-
-
-def find_configs_dir(configs_dir: str | None) -> Path:
-    """`--configs-dir`, else the repository's `configs/` (an editable install)."""
-    candidates = (
-        [Path(configs_dir)]
-        if configs_dir
-        else [
-            Path(__file__).resolve().parents[1] / "configs",
-            Path.cwd() / "configs",
-        ]
-    )
-    for candidate in candidates:
-        if (candidate / "common.py").is_file():
-            return candidate.absolute()
-    raise FileNotFoundError(
-        f"no configs directory found (looked in {', '.join(map(str, candidates))}); install from a "
-        "clone with `pip install -e .` or pass --configs-dir"
-    )
 
 
 class Metrics:
@@ -334,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     cli.setup_logging()
     with cli.user_errors("jaxvlm.quickstart"):
         bridges = tuple(parse_bridges(args.bridges))
-        configs_dir = find_configs_dir(args.configs_dir)
+        configs_dir = config_utils.find_configs_dir(args.configs_dir)
         cache_dir = cli.cache_dir_from(args.cache_dir)
         cli.start_runtime(cache_dir)
         run(Path(args.workdir).absolute(), cache_dir, configs_dir, bridges=bridges)

@@ -203,9 +203,9 @@ def setup_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.
     return mesh
 
 
-def setup_data(config: ml_collections.ConfigDict, cache_dir: Path, mesh) -> TrainData:
+def setup_data(config: ml_collections.ConfigDict, cache_dir: Path, mesh, tokenizer) -> TrainData:
+    """The training iterator over `config.data`, tokenised by `tokenizer` (`run_tokenizer`)."""
     world = data_lib.open_world(config.data.world, cache_dir)
-    tokenizer = data_lib.world_tokenizer()
     preprocessing = data_lib.ImagePreprocessing.from_config(config.preprocessing)
     process_count = jax.process_count()
     if config.data.batch_size % process_count:
@@ -263,7 +263,9 @@ def train(
     importers.resolve_architectures(config)  # an HF directory's config.json sets the architecture
     is_main = jax.process_index() == 0
     mesh = setup_mesh(config, devices)
-    data = setup_data(config, cache_dir, mesh)
+    tokenizer = initialization.run_tokenizer(config)
+    initialization.resolve_template(config, tokenizer)
+    data = setup_data(config, cache_dir, mesh, tokenizer)
     model = models.build_model(config)
     setup = initialization.setup_state(config, model, mesh, workdir, cache_dir)
     if is_main:

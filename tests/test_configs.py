@@ -5,6 +5,7 @@ import pytest
 from helpers import CONFIGS
 
 from jaxvlm import config_utils, models
+from jaxvlm.importers import gguf as gguf_importer
 
 RECIPES = [
     ("backbones_pretrain", "model=vit"),
@@ -106,3 +107,40 @@ def test_train_cli_typo_fails_before_writing(tmp_path, capsys):
 def test_bad_steps_and_evaluators_are_config_errors(override, match):
     with pytest.raises(config_utils.ConfigError, match=match):
         config_utils.load_config(f"{CONFIGS}/backbones_pretrain.py:model=lm,size=tiny", override)
+
+
+@pytest.mark.parametrize("llm", ["llama", "opt"])
+def test_imported_config_builds(llm):
+    """configs/imported.py (what `convert` fills from a checkpoint) validates and builds."""
+    config = config_utils.load_config(f"{CONFIGS / 'imported'}.py:llm={llm}")
+    assert config.data.tokenizer == "llm" and config.template.template == "from_tokenizer"
+    params = jax.eval_shape(models.init_fn(models.build_model(config), config), jax.random.key(0))
+    assert jax.tree.leaves(params)
+
+
+@pytest.mark.skipif(
+    gguf_importer.smollm2_path() is None,
+    reason=f"needs the SmolLM2 GGUF: {gguf_importer.SMOLLM2_INSTALL}",
+)
+def test_llava_into_smollm2_uses_its_tokenizer_template_and_an_added_image_token():
+    from jaxvlm import importers, initialization, vlm
+    from jaxvlm.data import chat
+
+    config = config_utils.load_config(f"{CONFIGS / 'llava'}.py:stage=2,llm=smollm2_135m")
+    assert config.trainable == ("bridge/.*",)  # the real LLM stays frozen
+    importers.resolve_architectures(config)
+    tokenizer = initialization.run_tokenizer(config)
+    initialization.resolve_template(config, tokenizer)
+    assert tokenizer.token_to_id("<image>") == config.data.image_token_id == 49152
+    assert config.template.template.startswith("{% for message in messages %}")
+    template = vlm.conversation_format(config, tokenizer).template
+    messages = [
+        {"role": "user", "content": "<image>\nWhat color is the circle?"},
+        {"role": "assistant", "content": "red"},
+    ]
+    encoded = chat.encode_conversation(
+        tokenizer, template, messages, image_token_id=49152, tokens_per_image=4
+    )
+    assert (encoded.ids == 49152).sum() == 4
+    answer = encoded.ids[encoded.loss_mask.astype(bool)]
+    assert tokenizer.decode(answer, skip_special_tokens=False) == "red<|im_end|>\n"

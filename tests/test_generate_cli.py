@@ -219,7 +219,7 @@ def _bad_inputs(workdirs, tmp, odd_image):
             ["--workdir", lm, "--prompt", "hi", "--image", odd_image],
             "no images",
         ),
-        "checkpoint": (["--checkpoint", tmp / "model.gguf", "--prompt", "hi"], "not available yet"),
+        "checkpoint": (["--checkpoint", tmp / "model.gguf", "--prompt", "hi"], "does not exist"),
         "beams": (
             ["--workdir", vlm, "--prompt", "hi", "--num-beams", "2", "--temperature", "1"],
             "does not sample",

@@ -22,7 +22,7 @@ from jaxvlm.data.pipeline import TASKS, TrainIterator, make_train_iterator
 from jaxvlm.data.preprocessing import ImagePreprocessing, load_image
 from jaxvlm.data.sources import RecordSource, TextSource, text_source
 from jaxvlm.data.storage import World, build_world, load_world, open_world, write_world
-from jaxvlm.data.tokenizer import WORLD_SPECIAL_TOKENS, Tokenizer, world_tokenizer
+from jaxvlm.data.tokenizer import WORLD_SPECIAL_TOKENS, Tokenizer, load_tokenizer, world_tokenizer
 from jaxvlm.data.transforms import (
     AddLossMask,
     NormalizeImage,
@@ -97,6 +97,7 @@ __all__ = [
     "open_world",
     "retrieval_pairs",
     "text_source",
+    "load_tokenizer",
     "world_tokenizer",
     "write_world",
 ]

@@ -257,8 +257,9 @@ def encode_prompt(
         found = 0 if image_token_id is None else ids.count(image_token_id)
         if found != num_images:
             raise ValueError(
-                f"--no-template: the prompt holds {found} image placeholders for {num_images} "
-                "images; write one <image> per image"
+                f"the prompt holds {found} image placeholders for {num_images} images; without "
+                "a chat template (--no-template, or a model that ships none) write one <image> "
+                "per image"
             )
     else:
         messages = place_images(messages, num_images, template.image_placeholder)

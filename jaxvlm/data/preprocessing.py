@@ -151,9 +151,12 @@ class ImagePreprocessing:
         resample = RESAMPLE_FILTERS[self.resample]
         if self.resize == "squash":
             return np.asarray(pil.resize((size, size), resample))
-        scale = size / min(height, width)
-        new_width = max(size, round(width * scale))
-        new_height = max(size, round(height * scale))
+        # As transformers' image processors: the short side becomes S, the long one
+        # int(S * long / short) (floored, not rounded).
+        if width <= height:
+            new_width, new_height = size, int(size * height / width)
+        else:
+            new_width, new_height = int(size * width / height), size
         resized = pil.resize((new_width, new_height), resample)
         left, top = (new_width - size) // 2, (new_height - size) // 2
         return np.asarray(resized.crop((left, top, left + size, top + size)))

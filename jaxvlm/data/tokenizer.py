@@ -3,10 +3,13 @@
 `tokenizer.json` is loaded and saved exactly as written (never through `AutoTokenizer`, which can
 pick another tokenizer class and silently encode everything to []). Special-token names come from
 the caller, else from `tokenizer_config.json` / `special_tokens_map.json` beside it, else from the
-usual names found in the vocabulary (`<bos>`, `<s>`, ...).
+usual names found in the vocabulary (`<bos>`, `<s>`, ...). A tokenizer may carry the model's jinja
+chat template (`chat_template`: `tokenizer_config.json`'s field or `chat_template.jinja`, as
+transformers writes them); `save_directory` writes all of it back in those files.
 
-`world_tokenizer()` builds the word-level tokenizer of the synthetic world from the grammar's word
-list, so its ids do not depend on any seed or sampled text.
+`load_tokenizer(source)` reads the tokenizer a model ships with: an HF directory, a `.gguf` file or
+a jaxvlm workdir. `world_tokenizer()` builds the word-level tokenizer of the synthetic world from
+the grammar's word list, so its ids do not depend on any seed or sampled text.
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 from jaxvlm.data import grammar
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers 5 writes the template here
 
 # World special tokens; "<pad>" is id 0. "<sep>", "<cls>", "<dec>" (BLIP-2 ITG), "<eoc>" (Flamingo
 # end of chunk) and "<mask>" are reserved for bridges.
@@ -65,19 +72,46 @@ def _token_name(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as file:
+            value = json.load(file)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: invalid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return value
+
+
 def _names_from_directory(directory: str) -> dict[str, str]:
     names: dict[str, str] = {}
-    for filename in ("special_tokens_map.json", "tokenizer_config.json"):
+    for filename in ("special_tokens_map.json", TOKENIZER_CONFIG_FILE):
         path = os.path.join(directory, filename)
         if not os.path.exists(path):
             continue
-        with open(path) as file:
-            config = json.load(file)
+        config = _read_json(path)
         for kind in _CANDIDATE_NAMES:
             name = _token_name(config.get(f"{kind}_token"))
             if name is not None:
                 names[kind] = name  # tokenizer_config.json, read last, wins
     return names
+
+
+def _chat_template_from_directory(directory: str) -> str | None:
+    """`chat_template.jinja`, else `tokenizer_config.json`'s `chat_template` (a string; a list of
+    named templates gives the one named "default"), else None."""
+    path = os.path.join(directory, CHAT_TEMPLATE_FILE)
+    if os.path.exists(path):
+        with open(path) as file:
+            return file.read()
+    path = os.path.join(directory, TOKENIZER_CONFIG_FILE)
+    if not os.path.exists(path):
+        return None
+    template = _read_json(path).get("chat_template")
+    if isinstance(template, list):
+        named = {entry.get("name"): entry.get("template") for entry in template}
+        template = named.get("default")
+    return template if isinstance(template, str) and template else None
 
 
 class Tokenizer:
@@ -95,8 +129,10 @@ class Tokenizer:
         eos_token: str | None = None,
         pad_token: str | None = None,
         unk_token: str | None = None,
+        chat_template: str | None = None,
     ):
         self.tokenizer = tokenizer
+        self.chat_template = chat_template  # the model's own jinja chat template, if it has one
         given = {"bos": bos_token, "eos": eos_token, "pad": pad_token, "unk": unk_token}
         self._names: dict[str, str | None] = {}
         for kind, candidates in _CANDIDATE_NAMES.items():
@@ -116,16 +152,33 @@ class Tokenizer:
 
     @classmethod
     def from_directory(cls, directory: str) -> Tokenizer:
-        """Loads `directory/tokenizer.json` with special-token names from the HF config files."""
+        """Loads `directory/tokenizer.json` with special-token names and the chat template from
+        the HF files beside it (see the module docstring)."""
+        directory = str(directory)
+        path = os.path.join(directory, TOKENIZER_FILE)
+        if not os.path.exists(path):
+            raise ValueError(
+                f"{directory} has no {TOKENIZER_FILE} (jaxvlm reads tokenizers in the fast "
+                "`tokenizers` format; save one with transformers' `tokenizer.save_pretrained`)"
+            )
         names = _names_from_directory(directory)
-        return cls.from_file(
-            os.path.join(directory, "tokenizer.json"),
-            **{f"{kind}_token": name for kind, name in names.items()},
-        )
+        tokenizer = cls.from_file(path, **{f"{kind}_token": name for kind, name in names.items()})
+        tokenizer.chat_template = _chat_template_from_directory(directory)
+        return tokenizer
 
     def save(self, path: str) -> None:
         """Writes `tokenizer.json` (special tokens are found again by name on load)."""
         self.tokenizer.save(str(path))
+
+    def save_directory(self, directory: str) -> None:
+        """Writes `tokenizer.json` and `tokenizer_config.json` (the special-token names and the
+        chat template), which `from_directory` reads back."""
+        self.save(os.path.join(directory, TOKENIZER_FILE))
+        config = {f"{kind}_token": name for kind, name in self._names.items() if name is not None}
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
+        with open(os.path.join(directory, TOKENIZER_CONFIG_FILE), "w") as file:
+            json.dump(config, file, indent=2)
 
     def encode(
         self,
@@ -215,6 +268,25 @@ class Tokenizer:
             [tokenizers.AddedToken(token, special=True, normalized=False) for token in tokens]
         )
         return [self.tokenizer.token_to_id(token) for token in tokens]
+
+
+def load_tokenizer(source: str | os.PathLike) -> Tokenizer:
+    """The tokenizer a model ships with: a `.gguf` file's, a Hugging Face directory's
+    (`tokenizer.json` + `tokenizer_config.json`), or a jaxvlm workdir's (also from one of its
+    `checkpoints/<step>` directories)."""
+    path = os.path.abspath(os.path.expanduser(str(source)))
+    if path.endswith(".gguf"):
+        from jaxvlm.importers import gguf  # local: needs the gguf package
+
+        return gguf.tokenizer(path)
+    parent = os.path.dirname(path)
+    if os.path.basename(parent) == "checkpoints":  # a step directory of a workdir
+        path = os.path.dirname(parent)
+    elif os.path.basename(path) == "checkpoints":
+        path = parent
+    if not os.path.isdir(path):
+        raise ValueError(f"tokenizer source {source} is neither a directory nor a .gguf file")
+    return Tokenizer.from_directory(path)
 
 
 def world_tokenizer(extra_special_tokens: Sequence[str] = ()) -> Tokenizer:

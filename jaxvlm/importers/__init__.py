@@ -23,8 +23,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 
-from jaxvlm.importers import clip, llama, opt, t5
+from jaxvlm.importers import clip, llama, llava, opt, t5
 from jaxvlm.importers.base import CheckpointImportError, HFCheckpoint, check_filled, read_config
+from jaxvlm.importers.gguf import GGUFCheckpoint
 
 __all__ = [
     "IMPORTERS",
@@ -32,6 +33,8 @@ __all__ = [
     "HFCheckpoint",
     "architecture",
     "load_component",
+    "open_checkpoint",
+    "vlm_importer",
     "resolve_architectures",
 ]
 
@@ -46,6 +49,9 @@ IMPORTERS: dict[str, dict[str, ModuleType]] = {
         **{model_type: t5 for model_type in t5.MODEL_TYPES},
     },
 }
+# Finished VLMs: one directory fills several components (`vlm_config` gives each one's fields,
+# `load_params` all their tensors at once). model_type → importer.
+VLM_IMPORTERS: dict[str, ModuleType] = {model_type: llava for model_type in llava.MODEL_TYPES}
 # Parameters a model may add beyond any checkpoint (initialised fresh, never imported).
 FRESH_PARAMETERS = ("added_embedding", "added_kernel")
 
@@ -61,10 +67,37 @@ def _importer(component: str, model_type: str, source: str | Path) -> ModuleType
     return known[model_type]
 
 
-def architecture(component: str, directory: str | Path) -> dict:
-    """Our architecture fields for `config.<component>` from an HF directory's config.json."""
-    hf = read_config(directory)
-    return _importer(component, hf.get("model_type"), directory).architecture(hf)
+def open_checkpoint(source: str | Path) -> HFCheckpoint | GGUFCheckpoint:
+    """An HF directory or a `.gguf` file (seen through its HF names) as a checkpoint."""
+    if Path(source).expanduser().suffix == ".gguf":
+        return GGUFCheckpoint(source)
+    return HFCheckpoint(source)
+
+
+def architecture(component: str, source: str | Path) -> dict:
+    """Our architecture fields for `config.<component>` from an HF directory's config.json, or
+    from a `.gguf` file's metadata."""
+    if Path(source).expanduser().suffix == ".gguf":
+        hf = GGUFCheckpoint(source).hf_config
+    else:
+        hf = read_config(source)
+    if hf.get("model_type") in VLM_IMPORTERS:
+        blocks = VLM_IMPORTERS[hf["model_type"]].vlm_config(source)
+        if component not in blocks:
+            raise CheckpointImportError(
+                f"{source}: a {hf['model_type']} checkpoint has no config.{component} "
+                f"(it fills {', '.join(b for b in blocks if b in ('encoder', 'bridge', 'llm'))})"
+            )
+        return dict(blocks[component])
+    return _importer(component, hf.get("model_type"), source).architecture(hf)
+
+
+def vlm_importer(source: str | Path) -> ModuleType | None:
+    """The importer of a finished-VLM directory (LLaVA), or None for any other source."""
+    path = Path(source).expanduser()
+    if not (path / "config.json").is_file():
+        return None
+    return VLM_IMPORTERS.get(read_config(path).get("model_type"))
 
 
 def resolve_architectures(config) -> None:
@@ -82,7 +115,7 @@ def resolve_architectures(config) -> None:
             kind = detect_source_kind(source)
         except FrozenSourceError:
             continue  # reported, naming the component, when the sources are checked
-        if kind != "hf":
+        if kind not in ("hf", "gguf"):
             continue
         fields = architecture(component, source)
         with config.unlocked():
@@ -98,18 +131,18 @@ def resolve_architectures(config) -> None:
 def load_component(
     component: str, directory: str | Path, component_config: Mapping, expected: Mapping
 ) -> dict:
-    """`{f"{component}/...": numpy array}` imported from an HF directory.
+    """`{f"{component}/...": numpy array}` imported from an HF directory or a `.gguf` file.
 
     Args:
       component: the config block ("llm", "encoder", ...).
-      directory: the HF model directory.
+      directory: the HF model directory or `.gguf` file.
       component_config: `config.<component>` (its architecture must equal the checkpoint's:
         `resolve_architectures` makes it so).
       expected: `{path: shape-like}` of the whole model's parameters.
     """
     from jaxvlm.param_paths import flatten_params
 
-    checkpoint = HFCheckpoint(directory)
+    checkpoint = open_checkpoint(directory)
     importer = _importer(component, checkpoint.model_type, directory)
     arch = importer.architecture(checkpoint.hf_config)
     absent = sorted(k for k in arch if k not in component_config)
