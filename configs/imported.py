@@ -58,7 +58,12 @@ def get_config(arg=None):
     config.train.save_full_state = True  # the workdir stands alone: every parameter is saved
     config.train.num_steps = 1
     config.optimizer.warmup_steps = 0
-    config.evals.perplexity = dict(
-        type="perplexity", split="validation", every_steps=0, batch_size=16
-    )
+    # `python -m jaxvlm.evaluate` on the synthetic world (override num_examples for a quick look).
+    if arg.model == "lm":
+        config.evals.perplexity = dict(
+            type="perplexity", split="validation", every_steps=0, batch_size=16
+        )
+    else:
+        config.evals.vqa = common.vqa_eval(num_examples=300, batch_size=16)
+        config.evals.caption = common.caption_eval(num_examples=100, batch_size=16)
     return config

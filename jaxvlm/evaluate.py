@@ -1,4 +1,5 @@
-"""Scores a trained model: `python -m jaxvlm.evaluate --workdir DIR [--step N] [--split test] [--json]`.
+"""Scores a trained model: `python -m jaxvlm.evaluate --workdir DIR [--step N] [--split test] [--json]`,
+or a foreign one converted on load: `--checkpoint HF_DIR_OR_GGUF` (see `jaxvlm.convert`).
 
 The model's config (hence its evaluators), tokenizer and preprocessing come from what was saved with
 it. Generative evaluators (VQA accuracy, CIDEr) run beside the blind baseline: the frozen LLM the
@@ -81,13 +82,7 @@ def load_run(
 
     workdir = Path(workdir).absolute()
     config, step = load_run_config(workdir, step)
-    for key, text in (overrides or {}).items():
-        if not key.startswith("evals."):
-            raise ValueError(
-                f"only evaluation fields can be overridden (config.evals.*), not {key}"
-            )
-        config_utils.set_by_path(config, key, config_utils.parse_override_value(config, key, text))
-    config_utils.validate_evals(config)
+    override_evals(config, overrides)
     cache_dir = cache.resolve(cache_dir)
     if verify:
         with checkpoint.Checkpointer(workdir, read_only=True) as checkpointer:
@@ -111,6 +106,17 @@ def load_run(
         preprocessing=data_lib.ImagePreprocessing.load(str(workdir / "preprocessing.json")),
         mesh=mesh,
     )
+
+
+def override_evals(config, overrides: dict | None) -> None:
+    """Applies `{"evals.vqa.num_examples": "100"}`-style overrides (evaluation fields only)."""
+    for key, text in (overrides or {}).items():
+        if not key.startswith("evals."):
+            raise ValueError(
+                f"only evaluation fields can be overridden (config.evals.*), not {key}"
+            )
+        config_utils.set_by_path(config, key, config_utils.parse_override_value(config, key, text))
+    config_utils.validate_evals(config)
 
 
 def blind_params(config, params):
@@ -178,7 +184,11 @@ def evaluate_run(
         evaluators = evals.setup_evals(config, run.model, run.mesh, context)
         metrics = _run_all(evaluators, run.params, run.step)
     result = {
-        "checkpoint": str(run.workdir / "checkpoints" / str(run.step)),
+        "checkpoint": (
+            str(run.workdir / "checkpoints" / str(run.step))
+            if (run.workdir / "checkpoints").is_dir()
+            else str(run.workdir)  # a foreign checkpoint converted on load
+        ),
         "step": run.step,
         "split": split,
         "metrics": metrics,
@@ -223,7 +233,11 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--workdir", required=True, help="a jaxvlm run directory")
+    selector = parser.add_mutually_exclusive_group(required=True)
+    selector.add_argument("--workdir", help="a jaxvlm run directory (train or convert wrote it)")
+    selector.add_argument(
+        "--checkpoint", help="a Hugging Face directory or .gguf file, converted on load"
+    )
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
     parser.add_argument("--split", default="test", choices=("test", "test_novel", "validation"))
     parser.add_argument("--data", default=None, help="a world directory (default: the run's world)")
@@ -238,17 +252,32 @@ def main(argv: list[str] | None = None) -> None:
         cache_dir = cli.cache_dir_from(args.cache_dir)
         if args.data is not None and not Path(args.data).is_dir():
             raise FileNotFoundError(f"--data {args.data} is not a directory")
+        if args.checkpoint is not None and (args.step is not None or args.verify):
+            raise ValueError("--step and --verify apply to --workdir; --checkpoint has one model")
         cli.start_runtime(cache_dir)
-        result = evaluate_workdir(
-            args.workdir,
-            split=args.split,
-            cache_dir=cache_dir,
-            step=args.step,
-            overrides=overrides,
-            world_dir=args.data,
-            verify=args.verify,
-            blind=not args.no_blind,
-        )
+        if args.checkpoint is not None:
+            from jaxvlm import convert
+
+            run = convert.load_imported(args.checkpoint, cache_dir=cache_dir)
+            override_evals(run.config, overrides)
+            result = evaluate_run(
+                run,
+                split=args.split,
+                world_dir=args.data,
+                cache_dir=cache_dir,
+                blind=not args.no_blind,
+            )
+        else:
+            result = evaluate_workdir(
+                args.workdir,
+                split=args.split,
+                cache_dir=cache_dir,
+                step=args.step,
+                overrides=overrides,
+                world_dir=args.data,
+                verify=args.verify,
+                blind=not args.no_blind,
+            )
     if args.json:
         print(json.dumps(result))
     else:

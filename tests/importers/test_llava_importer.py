@@ -386,7 +386,9 @@ def test_preprocessor_config_json_and_rescale_folding(tmp_path):
     assert spec.preprocessing["mean"] != folded.mean
 
 
-def test_convert_then_generate_equals_transformers_generate(tmp_path, cache_dir):
+def test_convert_then_generate_equals_transformers_generate(
+    tmp_path, cache_dir, tiny_config, capsys
+):
     """`convert --from-hf` a LLaVA directory (model + processor files), then generate: the greedy
     ids of transformers' `generate` on the processor's inputs, through a workdir and through
     `--checkpoint` (converted in memory)."""
@@ -422,3 +424,13 @@ def test_convert_then_generate_equals_transformers_generate(tmp_path, cache_dir)
         assert result.token_ids == expected
     with pytest.raises(ValueError, match="0 image placeholders for 1 images"):
         generate.answer(run, ["what is this ?"], [[image]], max_new_tokens=5)
+    # evaluate --checkpoint scores it on a world (the session's tiny one), blind baseline beside.
+    from jaxvlm import data
+
+    world = data.open_world(tiny_config("llava").data.world, cache_dir)
+    args = ["--checkpoint", str(directory), "--data", str(world.path), "--json"]
+    args += ["--config.evals.vqa.num_examples=3", "--config.evals.caption.num_examples=2"]
+    evaluate.main([*args, "--cache-dir", str(cache_dir)])
+    result = json.loads(capsys.readouterr().out)
+    assert result["checkpoint"] == str(directory) and result["step"] == 0
+    assert {"vqa_accuracy", "cider"} <= set(result["metrics"]) and result["blind"]
