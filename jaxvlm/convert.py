@@ -95,7 +95,7 @@ def imported_config(source: str | Path, *, configs_dir: str | None = None):
     return config, tokenizer
 
 
-def _build(config, cache_dir: Path):
+def _build(config):
     """(mesh, model) for an imported config on every local device."""
     from jaxvlm import models, sharding
 
@@ -103,14 +103,14 @@ def _build(config, cache_dir: Path):
     return mesh, models.build_model(config)
 
 
-def load_imported(source: str | Path, *, cache_dir: str | Path, configs_dir: str | None = None):
+def load_imported(source: str | Path, *, configs_dir: str | None = None):
     """An `evaluate.LoadedRun` of the model at `source`, converted in memory (nothing written)."""
-    from jaxvlm import cache, initialization
     from jaxvlm import data as data_lib
+    from jaxvlm import initialization
     from jaxvlm.evaluate import LoadedRun
 
     config, tokenizer = imported_config(source, configs_dir=configs_dir)
-    mesh, model = _build(config, cache.resolve(cache_dir))
+    mesh, model = _build(config)
     params_shape, params_sharding, _ = initialization.abstract_params(config, model, mesh)
     params = initialization.initial_params(config, model, mesh, params_shape, params_sharding)
     return LoadedRun(
@@ -141,9 +141,10 @@ def convert(
         raise FileExistsError(f"--to {to} already exists and is not empty; choose a new directory")
     config, tokenizer = imported_config(source, configs_dir=configs_dir)
     cache_dir = cache.resolve(cache_dir)
-    mesh, model = _build(config, cache_dir)
+    mesh, model = _build(config)
     to.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{to.name}.converting-", dir=to.parent))
+    partial.chmod(0o755)  # mkdtemp's 0o700 would make the workdir private
     try:
         setup = initialization.setup_state(config, model, mesh, partial, cache_dir)
         preprocessing = data_lib.ImagePreprocessing.from_config(config.preprocessing)

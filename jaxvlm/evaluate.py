@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.checkpoint is not None:
             from jaxvlm import convert
 
-            run = convert.load_imported(args.checkpoint, cache_dir=cache_dir)
+            run = convert.load_imported(args.checkpoint)
             override_evals(run.config, overrides)
             result = evaluate_run(
                 run,

@@ -518,7 +518,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.checkpoint is not None:
             from jaxvlm import convert
 
-            run = convert.load_imported(args.checkpoint, cache_dir=cache_dir)
+            run = convert.load_imported(args.checkpoint)
         else:
             run = evaluate.load_run(args.workdir, cache_dir=cache_dir, step=args.step)
         settings = dict(

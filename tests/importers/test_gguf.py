@@ -143,9 +143,9 @@ def _tokens(batch=2, length=10):
     return tokens.astype(np.int32), mask
 
 
-def test_logits_match_transformers_loading_the_same_gguf(tiny_gguf, cache_dir):
+def test_logits_match_transformers_loading_the_same_gguf(tiny_gguf):
     path, reference = tiny_gguf
-    run = convert.load_imported(path, cache_dir=cache_dir)
+    run = convert.load_imported(path)
     tokens, mask = _tokens()
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     with torch.no_grad():
@@ -204,7 +204,7 @@ def test_convert_writes_a_workdir_whose_greedy_ids_equal_transformers(
     prompts = ["hello world", "world"]
     runs = {
         "workdir": evaluate.load_run(workdir, cache_dir=cache_dir),
-        "checkpoint": convert.load_imported(path, cache_dir=cache_dir),
+        "checkpoint": convert.load_imported(path),
     }
     theirs = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     for prompt in prompts:
@@ -229,7 +229,7 @@ def test_convert_writes_a_workdir_whose_greedy_ids_equal_transformers(
     assert json.loads(capsys.readouterr().out)["token_ids"] == expected
 
 
-def test_bad_inputs_name_the_file(tmp_path, cache_dir):
+def test_bad_inputs_name_the_file(tmp_path):
     not_gguf = tmp_path / "broken.gguf"
     not_gguf.write_bytes(b"not a gguf file")
     with pytest.raises(CheckpointImportError, match="broken.gguf: not a readable GGUF"):
@@ -254,9 +254,9 @@ def test_an_existing_workdir_is_refused(tiny_gguf, tmp_path, cache_dir):
     gguf_importer.smollm2_path() is None,
     reason=f"needs the SmolLM2 GGUF: {gguf_importer.SMOLLM2_INSTALL}",
 )
-def test_smollm2_gguf_matches_transformers_and_knows_paris(cache_dir):
+def test_smollm2_gguf_matches_transformers_and_knows_paris():
     path = gguf_importer.smollm2_path()
-    run = convert.load_imported(path, cache_dir=cache_dir)
+    run = convert.load_imported(path)
     reference = transformers.AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32
     ).eval()

@@ -417,7 +417,7 @@ def test_convert_then_generate_equals_transformers_generate(
     workdir = convert.convert(directory, tmp_path / "converted", cache_dir=cache_dir)
     for run in (
         evaluate.load_run(workdir, cache_dir=cache_dir),
-        convert.load_imported(directory, cache_dir=cache_dir),
+        convert.load_imported(directory),
     ):
         assert run.config.model == "vlm" and run.config.template.template == ""
         [result] = generate.answer(run, [prompt], [[image]], max_new_tokens=5)
