@@ -22,7 +22,7 @@ import numpy as np
 
 from jaxvlm.importers.base import CheckpointImportError
 
-__all__ = ["GGUFCheckpoint", "SMOLLM2_INSTALL", "chat_template", "smollm2_path", "tokenizer"]
+__all__ = ["GGUFCheckpoint", "SMOLLM2_INSTALL", "smollm2_path", "tokenizer"]
 
 ARCHITECTURES = ("llama",)
 TOKENIZER_MODELS = ("gpt2",)  # byte-level BPE
@@ -205,11 +205,6 @@ def _hf_name(gguf_name: str) -> str | None:
     if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in LAYER_NAMES:
         return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}"
     return None
-
-
-def chat_template(path: str | Path) -> str | None:
-    """The file's `tokenizer.chat_template` (jinja), or None."""
-    return _metadata(_reader(path), "tokenizer.chat_template")
 
 
 def tokenizer(path: str | Path):
