@@ -6,14 +6,40 @@ from pathlib import Path
 
 import flax.linen as nn
 import jax
+import numpy as np
 
 from jaxvlm import sharding
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
+
+
 # The shrunk quickstart (conftest `quickstart_workdir`): tiny configs with enough LLaVA steps, a
 # learning rate that moves a tiny LLM in them, and stage 2 on short-answer VQA turns only, so that
 # in ~1 minute stage 2 learns the answer format the blind LLM never saw (scored on 40 questions).
+def rewrite_safetensors(directory, change) -> None:
+    """Rewrites an HF directory's model.safetensors with `change(tensors)` applied: it edits the
+    dict of numpy arrays in place (whatever it returns), or returns a new dict."""
+    from safetensors.numpy import save_file
+
+    from jaxvlm.importers import HFCheckpoint
+
+    checkpoint = HFCheckpoint(directory)
+    tensors = {k: checkpoint.take(k) for k in checkpoint.keys()}
+    changed = change(tensors)
+    tensors = changed if isinstance(changed, dict) else tensors
+    save_file(tensors, str(Path(directory) / "model.safetensors"), metadata={"format": "pt"})
+
+
+def assert_parity(ours, reference, context: str = "") -> None:
+    """INTERFACES.md §5: max |ours - ref| <= 1e-4 · max(1, max |ref|) (one bound for the array)."""
+    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
+    assert ours.shape == reference.shape, f"shapes {ours.shape} vs {reference.shape} {context}"
+    error = np.abs(ours - reference).max() if ours.size else 0.0
+    bound = 1e-4 * max(1.0, np.abs(reference).max() if reference.size else 0.0)
+    assert error <= bound, f"max |ours - ref| = {error:.3g} > {bound:.3g} {context}"
+
+
 QUICKSTART_OVERRIDES = {
     "train.num_steps": 120,
     "optimizer.learning_rate": 3e-3,

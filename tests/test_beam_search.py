@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from helpers import assert_parity
 
 from jaxvlm import decoding
 from jaxvlm.decoding import Decoder, Decoding
@@ -130,7 +131,7 @@ def _assert_same(ours, reference, context):
     np.testing.assert_array_equal(lengths, ref_lengths, err_msg=f"lengths, {context}")
     np.testing.assert_array_equal(tokens, ref_tokens, err_msg=f"token ids, {context}")
     if ref_scores is not None:
-        np.testing.assert_allclose(np.asarray(scores), ref_scores, rtol=1e-4, err_msg=context)
+        assert_parity(scores, ref_scores, context)
 
 
 @pytest.mark.parametrize("num_beams", [1, 3, 5])

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from helpers import assert_parity
 
 from jaxvlm import importers
 from jaxvlm.decoding import Decoding
@@ -188,7 +189,7 @@ def test_t5_ids_equal_transformers_generate(t5, num_beams):
         np.testing.assert_array_equal(lengths, ref_lengths, err_msg=f"lengths, {context}")
         np.testing.assert_array_equal(ours, ref_tokens, err_msg=f"token ids, {context}")
         if ref_scores is not None:
-            np.testing.assert_allclose(scores, ref_scores, rtol=1e-4, err_msg=context)
+            assert_parity(scores, ref_scores, context)
         answers[alpha, early] = (ours.tobytes(), tuple(lengths))
     finished_early = [key for key, (_, lengths) in answers.items() if min(lengths) < NEW_TOKENS]
     assert finished_early, "no hypothesis ended at EOS: the test would not exercise finishing"

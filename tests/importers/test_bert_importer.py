@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from helpers import assert_logical_names
+from helpers import assert_logical_names, rewrite_safetensors
 
 from jaxvlm.importers import CheckpointImportError, HFCheckpoint, bert
 from jaxvlm.layers.bert import BertModel
@@ -158,24 +158,14 @@ def saved(tmp_path):
     return directory
 
 
-def _rewrite_safetensors(directory, change):
-    """Rewrites model.safetensors after `change(tensors)` (a dict of numpy arrays)."""
-    from safetensors.numpy import save_file
-
-    checkpoint = HFCheckpoint(directory)
-    tensors = {k: checkpoint.take(k) for k in checkpoint.keys()}
-    change(tensors)
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-
-
 def test_heads_and_buffers_are_ignored_but_other_extra_tensors_are_named(saved):
     keys = HFCheckpoint(saved).keys()
     assert any(k.startswith("cls.predictions.") for k in keys)  # the MLM head is present
     buffer = "bert.embeddings.position_ids"  # as older checkpoints store it
-    _rewrite_safetensors(saved, lambda t: t.update({buffer: np.arange(16)[None]}))
+    rewrite_safetensors(saved, lambda t: t.update({buffer: np.arange(16)[None]}))
     bert.load(saved)
     extra = "bert.encoder.layer.0.attention.self.rotary.weight"
-    _rewrite_safetensors(saved, lambda t: t.update({extra: np.ones(3, np.float32)}))
+    rewrite_safetensors(saved, lambda t: t.update({extra: np.ones(3, np.float32)}))
     with pytest.raises(
         CheckpointImportError, match=r"^\S+: 1 checkpoint tensors were not used.*rotary"
     ):
@@ -184,7 +174,7 @@ def test_heads_and_buffers_are_ignored_but_other_extra_tensors_are_named(saved):
 
 def test_missing_tensors_are_named(saved):
     key = "bert.encoder.layer.1.output.dense.bias"
-    _rewrite_safetensors(saved, lambda t: t.pop(key))
+    rewrite_safetensors(saved, lambda t: t.pop(key))
     with pytest.raises(CheckpointImportError, match=rf"tensor '{key}' is missing"):
         bert.load(saved)
     # A pooler the checkpoint does not hold (a task model's) is missing too.
@@ -195,7 +185,7 @@ def test_missing_tensors_are_named(saved):
 
 def test_a_wrong_shape_is_named(saved):
     key = "bert.embeddings.token_type_embeddings.weight"
-    _rewrite_safetensors(saved, lambda t: t.update({key: t[key][:2]}))
+    rewrite_safetensors(saved, lambda t: t.update({key: t[key][:2]}))
     with pytest.raises(
         CheckpointImportError, match=r"token_type_embeddings \(2, 32\) vs \(3, 32\)"
     ):
@@ -211,7 +201,7 @@ def test_gamma_beta_layer_norms_of_old_checkpoints_are_read(saved):
         for key in [k for k in tensors if k.endswith("LayerNorm.bias")]:
             tensors[key.replace(".bias", ".beta")] = tensors.pop(key)
 
-    _rewrite_safetensors(saved, rename)
+    rewrite_safetensors(saved, rename)
     _, renamed = bert.load(saved, scan_layers=False)
     jax.tree.map(np.testing.assert_array_equal, renamed, params)
 

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from helpers import rewrite_safetensors
 
 from jaxvlm import importers
 from jaxvlm.importers import CheckpointImportError, HFCheckpoint
@@ -162,18 +163,8 @@ def saved(tmp_path):
     return directory
 
 
-def _rewrite_safetensors(directory, change):
-    """Rewrites model.safetensors after `change(tensors)` (a dict of numpy arrays)."""
-    from safetensors.numpy import save_file
-
-    checkpoint = HFCheckpoint(directory)
-    tensors = {k: checkpoint.take(k) for k in checkpoint.keys()}
-    change(tensors)
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-
-
 def test_a_missing_tensor_is_named(saved):
-    _rewrite_safetensors(saved, lambda t: t.pop("model.layers.1.mlp.up_proj.bias"))
+    rewrite_safetensors(saved, lambda t: t.pop("model.layers.1.mlp.up_proj.bias"))
     with pytest.raises(
         CheckpointImportError, match=r"'model.layers.1.mlp.up_proj.bias' is missing"
     ):
@@ -181,7 +172,7 @@ def test_a_missing_tensor_is_named(saved):
 
 
 def test_unused_tensors_are_listed(saved):
-    _rewrite_safetensors(saved, lambda t: t.update({"model.extra.weight": np.ones(3, np.float32)}))
+    rewrite_safetensors(saved, lambda t: t.update({"model.extra.weight": np.ones(3, np.float32)}))
     with pytest.raises(
         CheckpointImportError, match=r"1 checkpoint tensors were not used.*model.extra"
     ):
@@ -192,7 +183,7 @@ def test_a_wrong_shape_is_named(saved):
     def shrink(tensors):
         tensors["model.norm.weight"] = tensors["model.norm.weight"][:-1]
 
-    _rewrite_safetensors(saved, shrink)
+    rewrite_safetensors(saved, shrink)
     with pytest.raises(CheckpointImportError, match=r"llm/norm/scale \(31,\) vs \(32,\)"):
         _import(saved)
 
@@ -232,7 +223,7 @@ def test_directories_without_usable_weights_are_refused(saved, tmp_path):
 def test_bf16_tensors_are_read_without_torch(saved):
     import ml_dtypes
 
-    _rewrite_safetensors(
+    rewrite_safetensors(
         saved, lambda t: t.update({k: v.astype(ml_dtypes.bfloat16) for k, v in t.items()})
     )
     checkpoint = HFCheckpoint(saved)

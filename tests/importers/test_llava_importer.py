@@ -10,12 +10,13 @@ import jax
 import numpy as np
 import pytest
 import torch
+from helpers import rewrite_safetensors
 
 from jaxvlm import vlm
 from jaxvlm.data import chat
 from jaxvlm.data.preprocessing import ImagePreprocessing
 from jaxvlm.data.tokenizer import Tokenizer
-from jaxvlm.importers import CheckpointImportError, HFCheckpoint, llava
+from jaxvlm.importers import CheckpointImportError, llava
 from jaxvlm.importers.llama import architecture as llama_architecture
 from jaxvlm.models import init_fn
 from jaxvlm.param_paths import flatten_params, unflatten_params
@@ -219,19 +220,11 @@ def test_unsupported_values_are_one_line_errors_naming_the_field(copy, key, valu
     assert "\n" not in str(error.value)
 
 
-def _rewrite_safetensors(directory, change):
-    from safetensors.numpy import save_file
-
-    checkpoint = HFCheckpoint(directory)
-    tensors = change({k: checkpoint.take(k) for k in checkpoint.keys()})
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-
-
 def test_strict_key_accounting(copy, tiny_config):
-    _rewrite_safetensors(copy, lambda t: {**t, "multi_modal_projector.extra": np.ones(2)})
+    rewrite_safetensors(copy, lambda t: {**t, "multi_modal_projector.extra": np.ones(2)})
     with pytest.raises(CheckpointImportError, match=r"1 checkpoint tensors.*projector.extra"):
         _import(copy, tiny_config)
-    _rewrite_safetensors(copy, lambda t: {k: v for k, v in t.items() if "layers.1.mlp.up" not in k})
+    rewrite_safetensors(copy, lambda t: {k: v for k, v in t.items() if "layers.1.mlp.up" not in k})
     with pytest.raises(CheckpointImportError, match=r"'language_model.model.layers.1.mlp.up_proj"):
         _import(copy, tiny_config)
 
@@ -255,7 +248,7 @@ def test_the_transformers_4_key_layout_imports_the_same(saved, copy, tiny_config
 
         return {new(k): v for k, v in tensors.items()}
 
-    _rewrite_safetensors(copy, rename)
+    rewrite_safetensors(copy, rename)
     _, params, _ = _import(saved, tiny_config)
     _, renamed, _ = _import(copy, tiny_config)
     jax.tree.map(np.testing.assert_array_equal, params, renamed)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 from helpers import CONFIGS as CONFIGS_DIR
-from helpers import assert_logical_names
+from helpers import assert_logical_names, rewrite_safetensors
 
 from jaxvlm import config_utils, importers
-from jaxvlm.importers import CheckpointImportError, HFCheckpoint
+from jaxvlm.importers import CheckpointImportError
 from jaxvlm.llms import build_llm
 from jaxvlm.llms.opt import Opt
 from jaxvlm.param_paths import flatten_params, unflatten_params
@@ -220,18 +220,8 @@ def saved(tmp_path):
     return directory
 
 
-def _rewrite_safetensors(directory, change):
-    """Rewrites model.safetensors after `change(tensors)` (a dict of numpy arrays)."""
-    from safetensors.numpy import save_file
-
-    checkpoint = HFCheckpoint(directory)
-    tensors = {k: checkpoint.take(k) for k in checkpoint.keys()}
-    change(tensors)
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-
-
 def test_a_missing_tensor_is_named(saved):
-    _rewrite_safetensors(saved, lambda t: t.pop("model.decoder.project_out.weight"))
+    rewrite_safetensors(saved, lambda t: t.pop("model.decoder.project_out.weight"))
     with pytest.raises(
         CheckpointImportError, match=r"'model.decoder.project_out.weight' is missing"
     ):
@@ -240,7 +230,7 @@ def test_a_missing_tensor_is_named(saved):
 
 def test_an_extra_tensor_is_named(saved):
     extra = "model.decoder.layers.0.self_attn.rotary.weight"
-    _rewrite_safetensors(saved, lambda t: t.update({extra: np.ones(3, np.float32)}))
+    rewrite_safetensors(saved, lambda t: t.update({extra: np.ones(3, np.float32)}))
     with pytest.raises(CheckpointImportError, match=r"1 checkpoint tensors were not used.*rotary"):
         _import(saved)
 
@@ -249,7 +239,7 @@ def test_a_tied_head_must_equal_the_embedding(saved):
     def add_head(tensors):
         tensors["lm_head.weight"] = tensors["model.decoder.embed_tokens.weight"] + 1.0
 
-    _rewrite_safetensors(saved, add_head)
+    rewrite_safetensors(saved, add_head)
     with pytest.raises(CheckpointImportError, match=r"lm_head.weight differs"):
         _import(saved)
 

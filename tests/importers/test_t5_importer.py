@@ -12,10 +12,10 @@ import ml_collections
 import numpy as np
 import pytest
 import torch
-from helpers import assert_logical_names
+from helpers import assert_logical_names, rewrite_safetensors
 
 from jaxvlm import decoding, importers, llms
-from jaxvlm.importers import CheckpointImportError, HFCheckpoint
+from jaxvlm.importers import CheckpointImportError
 from jaxvlm.llms.t5 import T5, relative_position_bucket, t5_decoder
 from jaxvlm.param_paths import flatten_params, unflatten_params
 
@@ -247,15 +247,6 @@ def test_architecture_reads_each_head_convention():
     assert flan_old["head_dim"] == 12 and flan_old["hidden_act"] == "relu"
 
 
-def _rewrite_safetensors(directory, change):
-    from safetensors.numpy import save_file
-
-    checkpoint = HFCheckpoint(directory)
-    tensors = {k: checkpoint.take(k) for k in checkpoint.keys()}
-    change(tensors)
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-
-
 def test_strict_key_accounting(tmp_path):
     """Stored copies of tied tables load when equal and are refused when not; the unused
     decoder cross-attention bias of old checkpoints is ignored as HF does; a stray tensor is
@@ -269,7 +260,7 @@ def test_strict_key_accounting(tmp_path):
             tensors[key] = tensors["shared.weight"].copy()
         tensors[bias_key] = np.ones((8, 4), np.float32)
 
-    _rewrite_safetensors(tmp_path, add_copies)
+    rewrite_safetensors(tmp_path, add_copies)
     _, params = _import(tmp_path)
     for key, value in flatten_params(expected).items():
         np.testing.assert_array_equal(flatten_params(params)[key], value, err_msg=key)
@@ -277,10 +268,10 @@ def test_strict_key_accounting(tmp_path):
     def perturb(tensors):
         tensors["decoder.embed_tokens.weight"] = tensors["decoder.embed_tokens.weight"] + 1
 
-    _rewrite_safetensors(tmp_path, perturb)
+    rewrite_safetensors(tmp_path, perturb)
     with pytest.raises(CheckpointImportError, match=r"decoder.embed_tokens.weight differs"):
         _import(tmp_path)
-    _rewrite_safetensors(
+    rewrite_safetensors(
         tmp_path,
         lambda t: t.update(
             {"decoder.embed_tokens.weight": t["shared.weight"], "encoder.extra": np.ones(2)}
@@ -293,7 +284,7 @@ def test_strict_key_accounting(tmp_path):
     def remove(tensors):
         del tensors["encoder.extra"], tensors[missing]
 
-    _rewrite_safetensors(tmp_path, remove)
+    rewrite_safetensors(tmp_path, remove)
     with pytest.raises(CheckpointImportError, match=rf"'{missing}' is missing"):
         _import(tmp_path)
 
