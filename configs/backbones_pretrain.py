@@ -46,7 +46,7 @@ def get_config(arg=None):
         config.optimizer.eps = 1e-6
         # 350 steps at batch 64: R@1 still rising, but the quickstart's 10-minute budget is shared.
         config.train.num_steps = {"tiny": 4, "default": 350, "paper": 100000}[arg.size]
-        config.evals.retrieval = dict(type="retrieval", split="test", every_steps=0, batch_size=256)
+        config.evals.retrieval = common.retrieval_eval()
     else:
         preset = {"tiny": "world_tiny", "default": "world_default", "paper": "vicuna_7b"}
         config.model = "lm"

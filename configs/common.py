@@ -60,6 +60,35 @@ VQA_PROMPT = "{question}\nAnswer the question using a word or phrase."
 CAPTION_PROMPT = "Describe the image concisely."  # the first of LLaVA's brief-description prompts
 
 
+# BLIP-2 §3.3: the soft visual prompt, then the text (the prompt, if any, then the answer or the
+# caption); no roles. The answer ends with the LLM's EOS, its stop string.
+BLIP2_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ message['content'] }} "
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+BLIP2_VQA_PROMPT = (
+    "Question: {question} Answer:"  # OPT; FlanT5: "Question: {question} Short answer:"
+)
+BLIP2_CAPTION_PROMPT = "a photo of"  # BLIP-2's captioning fine-tune prompt
+
+
+def blip2_template(eos: str = "<eos>") -> ConfigDict:
+    """BLIP2_TEMPLATE with `eos` (the LLM's EOS text) as the stop string."""
+    return ConfigDict(
+        dict(
+            template=BLIP2_TEMPLATE,
+            system_message="",
+            roles=dict(user="user", assistant="assistant"),
+            separator="",
+            stop=eos,
+            image_placeholder="<image>",
+        )
+    )
+
+
 def chat_template(system_message: str = VICUNA_SYSTEM) -> ConfigDict:
     """A jinja chat template and its variables (jaxvlm.data.chat.ChatTemplate fields)."""
     return ConfigDict(
@@ -74,32 +103,56 @@ def chat_template(system_message: str = VICUNA_SYSTEM) -> ConfigDict:
     )
 
 
-def vqa_eval(split="test", num_examples=0, batch_size=64, max_new_tokens=10) -> ConfigDict:
-    """VQAv2 accuracy of greedy answers to VQA_PROMPT (and the blind baseline beside it)."""
+def generative_eval(
+    type: str,
+    *,
+    prompt: str,
+    max_new_tokens: int,
+    split="test",
+    num_examples=0,
+    batch_size=64,
+    num_beams=1,
+    length_penalty=1.0,
+) -> ConfigDict:
+    """A generative evaluator (`vqa` or `captioning`) of answers to `prompt`, the blind baseline
+    beside it; greedy unless `num_beams` > 1 (then beam search with `length_penalty`)."""
     return ConfigDict(
         dict(
-            type="vqa",
+            type=type,
             split=split,
             every_steps=0,
             batch_size=batch_size,
-            num_examples=num_examples,  # a fixed subset of the split's questions; 0 = all
-            prompt=VQA_PROMPT,
+            num_examples=num_examples,  # a fixed subset of the split's examples; 0 = all
+            prompt=prompt,
             max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            length_penalty=length_penalty,
         )
     )
 
 
-def caption_eval(split="test", num_examples=0, batch_size=64, max_new_tokens=24) -> ConfigDict:
-    """CIDEr-D of greedy captions to CAPTION_PROMPT against every reference caption."""
+def vqa_eval(prompt=VQA_PROMPT, max_new_tokens=10, **fields) -> ConfigDict:
+    """VQAv2 accuracy of the answers to `prompt` ("{question}" slot)."""
+    return generative_eval("vqa", prompt=prompt, max_new_tokens=max_new_tokens, **fields)
+
+
+def caption_eval(prompt=CAPTION_PROMPT, max_new_tokens=24, **fields) -> ConfigDict:
+    """CIDEr-D of the captions written after `prompt`, against every reference caption."""
+    return generative_eval("captioning", prompt=prompt, max_new_tokens=max_new_tokens, **fields)
+
+
+def retrieval_eval(split="test", batch_size=256, rerank="none", rerank_k=128) -> ConfigDict:
+    """Image-text R@1/5/10 both ways: by the model's contrastive similarity, or with `rerank`
+    ("itm": BLIP-2's ITM head re-scores each query's `rerank_k` best ITC candidates; "itm_itc":
+    ITM + ITC, as LAVIS ranks)."""
     return ConfigDict(
         dict(
-            type="captioning",
+            type="retrieval",
             split=split,
             every_steps=0,
             batch_size=batch_size,
-            num_examples=num_examples,  # a fixed subset of the split's images; 0 = all
-            prompt=CAPTION_PROMPT,
-            max_new_tokens=max_new_tokens,
+            rerank=rerank,
+            rerank_k=rerank_k,
         )
     )
 
@@ -117,6 +170,11 @@ def base_config() -> ConfigDict:
     # CLIP-style heads of the dual encoder (model="dual_encoder").
     config.contrastive = ConfigDict(
         dict(projection_dim=128, temperature_init=0.07, learn_temperature=True, label_smoothing=0.0)
+    )
+    # Loss weights and label smoothings of a bridge's own stage (objective "bridge_pretrain";
+    # BLIP-2 stage 1 sums ITC, ITM and ITG with equal weights and smooths ITC and ITG by 0.1).
+    config.loss = ConfigDict(
+        dict(itc=1.0, itm=1.0, itg=1.0, itc_label_smoothing=0.1, itg_label_smoothing=0.1)
     )
     # Regexes over parameter paths ("encoder/layers/..."): matching leaves train, the rest are frozen.
     config.trainable = (".*",)
@@ -145,6 +203,19 @@ def base_config() -> ConfigDict:
             ),
             vqa_prompt=VQA_PROMPT,  # the short-answer format of "vqa" samples
             vqa_turns=1,  # questions about one image asked in one "vqa" conversation
+            # "llava_captions" task: the instruction a caption answers, one drawn per example;
+            # () is LLaVA's brief-description list (jaxvlm.data.instructions.BRIEF_PROMPTS);
+            # BLIP-2 stage 2 uses ("",): the image tokens, then the caption.
+            caption_prompts=(),
+            # Where a training sample's image goes in its first user turn: "random" (before or
+            # after the text, LLaVA §3) or "first" (BLIP-2's soft visual prompt).
+            image_position="random",
+            # "captions" task image augmentation: "none", or "blip2" (random resized crop keeping
+            # >= 90% of the area and every object whole, then a flip that swaps left/right words).
+            augment="none",
+            # Tq of the prompt a prompt-reading bridge gets (config.bridge.read_prompt: BLIP-2's
+            # VQA fine-tune feeds the question to the Q-Former; text max length 32 as §3.1).
+            bridge_max_text_len=32,
         )
     )
     # The conversation template of prefix VLMs (jaxvlm.data.chat.ChatTemplate). template=

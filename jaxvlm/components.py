@@ -14,8 +14,9 @@ import jax.numpy as jnp
 
 __all__ = ["build_component"]
 
-# Keys of a component block that are not constructor fields: the table key and the weights source.
-NON_FIELD_KEYS = ("name", "checkpoint")
+# Keys of a component block that are not constructor fields: the table key, the weights source and
+# a bridge's own tokenizer (`initialization.bridge_tokenizer`).
+NON_FIELD_KEYS = ("name", "checkpoint", "tokenizer")
 DTYPE_FIELDS = ("dtype", "param_dtype")
 
 

@@ -208,6 +208,7 @@ def config_hash(config: ml_collections.ConfigDict | Mapping[str, Any], length: i
 NON_SHAPE_FIELDS = frozenset(
     {
         "checkpoint",
+        "tokenizer",
         "label_smoothing",
         "temperature_init",
         "learn_temperature",
@@ -300,6 +301,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("log_every", "checkpoint_every", "num_steps", "keep_checkpoints"):
         if config.train[key] < 1:
             raise ConfigError(f"config.train.{key}={config.train[key]} must be ≥ 1")
+    if config.objective == "bridge_pretrain" and config.loss.itm and config.data.batch_size < 2:
+        raise ConfigError(
+            f"config.data.batch_size={config.data.batch_size}: ITM (config.loss.itm="
+            f"{config.loss.itm}) needs a global batch of at least 2, so that a negative exists"
+        )
+    from jaxvlm.data.pipeline import AUGMENTATIONS
+
+    if config.data.augment not in AUGMENTATIONS:
+        raise ConfigError(
+            f"config.data.augment={config.data.augment!r}; allowed: {', '.join(AUGMENTATIONS)}"
+        )
+    if config.data.augment != "none" and config.data.task != "captions":
+        raise ConfigError(
+            f"config.data.augment={config.data.augment!r} applies to the captions task only; "
+            f"config.data.task={config.data.task!r}"
+        )
+    from jaxvlm.data.conversations import IMAGE_POSITIONS
+
+    if config.data.image_position not in IMAGE_POSITIONS:
+        raise ConfigError(
+            f"config.data.image_position={config.data.image_position!r}; allowed: "
+            f"{', '.join(IMAGE_POSITIONS)}"
+        )
     validate_evals(config)
     models.validate_components(config)
 
@@ -322,6 +346,15 @@ def validate_evals(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(
                 f"config.evals.{name}.split={fields.split!r}; splits: {', '.join(SCENE_SPLITS)}"
             )
+        if fields.type == "retrieval":
+            from jaxvlm.evals.retrieval import RERANKS
+
+            if fields.rerank not in RERANKS:
+                raise ConfigError(
+                    f"config.evals.{name}.rerank={fields.rerank!r}; allowed: {', '.join(RERANKS)}"
+                )
+            if fields.rerank_k < 1:
+                raise ConfigError(f"config.evals.{name}.rerank_k={fields.rerank_k} must be >= 1")
         if fields.type == "vqa" and "{question}" not in fields.prompt:
             raise ConfigError(f"config.evals.{name}.prompt has no {{question}} slot")
         if fields.batch_size < 1 or fields.every_steps < 0:

@@ -11,8 +11,9 @@ and evaluate, as `config.init_from`, and as a component's `checkpoint`. The conf
 metadata (through the importers, with parity to transformers proven in tests/importers), the
 tokenizer and chat template it ships with (a model without a template reads plain text; a LLaVA
 reads its prompt as its processor does: write one `<image>` per image). Supported:
-decoder-only LLMs (Llama, Qwen2, SmolLM2 GGUF, OPT) and LLaVA (`LlavaForConditionalGeneration`:
-its processor files give the image preprocessing and the number of image tokens). The workdir is written to a temporary sibling
+decoder-only LLMs (Llama, Qwen2, SmolLM2 GGUF, OPT), LLaVA (`LlavaForConditionalGeneration`:
+its processor files give the image preprocessing and the number of image tokens) and BLIP-2 with
+OPT (`Blip2ForConditionalGeneration`: prompts laid out as `Blip2Processor` does). The workdir is written to a temporary sibling
 and renamed at the end, so a failed conversion leaves nothing behind; an existing WORKDIR is
 refused.
 
@@ -77,14 +78,17 @@ def imported_config(source: str | Path, *, configs_dir: str | None = None):
             config[component].checkpoint = str(source)
         if positions:
             config.data.max_text_len = int(positions)
+    overrides = vlm.vlm_config(source) if vlm is not None else {}
     if vlm is not None:
-        vlm.update_config(config, vlm.vlm_config(source))
+        vlm.update_config(config, overrides)
         with config.unlocked():
             config.template.image_placeholder = vlm.processor(source).image_token
     importers.resolve_architectures(config)
     tokenizer = initialization.run_tokenizer(config)
     if tokenizer.chat_template and vlm is None:
         initialization.resolve_template(config, tokenizer)
+    elif "template" in overrides:  # the importer's processor layout (BLIP-2: images, BOS, text)
+        logger.info("%s: prompts are laid out as its processor does", source)
     else:
         # A VLM's HF template takes structured content ([{"type": "image"}, ...]), not our text
         # with placeholders: its prompts are read as its processor reads them.

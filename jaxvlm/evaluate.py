@@ -36,9 +36,42 @@ def load_run_config(workdir: Path, step: int | None = None):
     with checkpoint.Checkpointer(workdir, read_only=True) as checkpointer:
         step = checkpointer._resolve_step(step)
         saved = checkpointer.read_config(step)
-    config = ml_collections.ConfigDict(_tuples(saved))
+    config = ml_collections.ConfigDict(upgrade_saved_config(_tuples(saved)))
     config.lock()
     return config, step
+
+
+# Fields added to base_config after runs were already saved, with the value that reproduces how
+# those runs behaved: a checkpoint saved before a field existed still loads and evaluates.
+_ADDED_FIELDS = {
+    ("data", "caption_prompts"): (),
+    ("data", "augment"): "none",
+    ("data", "bridge_max_text_len"): 32,
+    ("data", "image_position"): "random",
+    ("loss",): dict(itc=1.0, itm=1.0, itg=1.0, itc_label_smoothing=0.1, itg_label_smoothing=0.1),
+}
+_ADDED_GENERATIVE_EVAL_FIELDS = {"num_beams": 1, "length_penalty": 1.0}
+_ADDED_RETRIEVAL_EVAL_FIELDS = {"rerank": "none", "rerank_k": 128}
+
+
+def upgrade_saved_config(saved: dict) -> dict:
+    """A saved config dict with the fields added since it was written (`_ADDED_FIELDS`)."""
+    for path, value in _ADDED_FIELDS.items():
+        parent = saved
+        for key in path[:-1]:
+            parent = parent.setdefault(key, {})
+        parent.setdefault(path[-1], value)
+    bridge = saved.get("bridge", {})
+    if bridge.get("name") == "qformer":  # its text side got its own tokenizer field
+        bridge.setdefault("tokenizer", "world")
+    for fields in saved.get("evals", {}).values():
+        if fields.get("type") in ("vqa", "captioning"):
+            for key, value in _ADDED_GENERATIVE_EVAL_FIELDS.items():
+                fields.setdefault(key, value)
+        if fields.get("type") == "retrieval":
+            for key, value in _ADDED_RETRIEVAL_EVAL_FIELDS.items():
+                fields.setdefault(key, value)
+    return saved
 
 
 def _tuples(value):
@@ -204,7 +237,16 @@ def _run_all(evaluators, params, step) -> dict[str, float]:
     from jaxvlm import evals
 
     results = evals.run_evals(evaluators, params, step, _NullWriter(), force=True)
-    return {k: v for name_metrics in results.values() for k, v in name_metrics.items()}
+    merged, owner = {}, {}
+    for name, metrics in results.items():
+        for key, value in metrics.items():
+            if key in merged:
+                raise ValueError(
+                    f"config.evals.{owner[key]} and config.evals.{name} both report {key!r}, "
+                    "but a result holds one value per metric name"
+                )
+            merged[key], owner[key] = value, name
+    return merged
 
 
 def evaluate_workdir(

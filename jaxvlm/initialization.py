@@ -117,7 +117,9 @@ def initial_params(config, model, mesh, params_shape, params_sharding):
     loaded = load_pretrained(config, params_shape)
     flat_shape = checkpoint.flatten_params(params_shape)
     flat_sharding = checkpoint.flatten_params(params_sharding)
-    missing = [k for k in flat_shape if k not in loaded]
+    # A `LeadingRows` value fills the first rows; its other rows come from the fresh init.
+    partial = {k for k, v in loaded.items() if isinstance(v, importers.LeadingRows)}
+    missing = [k for k in flat_shape if k not in loaded or k in partial]
     init = models.init_fn(model, config)
 
     def init_missing(rng):
@@ -134,6 +136,14 @@ def initial_params(config, model, mesh, params_shape, params_sharding):
                 f"pretrained parameter {key} has shape {tuple(value.shape)}, the model expects "
                 f"{tuple(target.shape)}"
             )
+        if key in partial:
+            rows = np.asarray(value.rows).astype(target.dtype)
+            fresh[key] = jax.jit(
+                lambda full, rows: full.at[: rows.shape[0]].set(rows),
+                out_shardings=flat_sharding[key],
+                donate_argnums=0,
+            )(fresh[key], rows)
+            continue
         fresh[key] = jax.device_put(np.asarray(value).astype(target.dtype), flat_sharding[key])
     if missing and loaded:
         logger.info("initialised %d parameter arrays, loaded %d", len(missing), len(loaded))
@@ -290,10 +300,22 @@ def run_tokenizer(config):
     path (HF directory, `.gguf`, jaxvlm workdir). A VLM's image placeholder
     (`config.template.image_placeholder`) is added as a special token when the tokenizer lacks it
     (a real LLM's embedding gets it through `num_added_embeddings`), and must then have the id
-    `config.data.image_token_id`. Every id must have an embedding row in the LLM.
+    `config.data.image_token_id`. Every id must have an embedding row in the LLM. A bridge-only
+    stage (`config.llm.name="none"`: BLIP-2 stage 1) tokenises the bridge's own text, so there it
+    is `bridge_tokenizer(config)`, and `config.data.tokenizer` must name the same source.
     """
     from jaxvlm import data as data_lib
 
+    if config.llm.name == "none" and config.bridge.name != "none":
+        tokenizer = bridge_tokenizer(config)
+        same = Path(config.data.tokenizer).expanduser().absolute()
+        if same != Path(config.bridge.tokenizer).expanduser().absolute():
+            raise config_utils.ConfigError(
+                f"config.data.tokenizer={config.data.tokenizer!r} but config.bridge.tokenizer="
+                f"{config.bridge.tokenizer!r}: with no LLM (config.llm.name='none') the captions "
+                "are the bridge's text; set both to the same tokenizer"
+            )
+        return tokenizer
     source = config.data.tokenizer
     if source == "world":
         tokenizer = data_lib.world_tokenizer()
@@ -327,6 +349,54 @@ def run_tokenizer(config):
                 f"than the LLM's {rows} embedding rows (config.llm.vocab_size + "
                 "config.llm.num_added_embeddings)"
             )
+    return tokenizer
+
+
+# LAVIS's decoder-start token for a BERT WordPiece vocabulary (`add_special_tokens({"bos_token":
+# "[DEC]"})`), at id 30522 of BERT's 30522 tokens.
+DEC_TOKEN = "[DEC]"
+
+
+def bridge_tokenizer(config):
+    """The tokenizer of the bridge's own text side, `config.bridge.tokenizer`: the captions of a
+    bridge-only stage (BLIP-2 stage 1; `run_tokenizer` returns it there) and the question that a
+    Q-Former reads in the VQA fine-tune (`read_prompt`).
+
+    "world": the synthetic world's (`<cls>`, `<dec>` reserved); else a path (an HF directory such
+    as a BERT's, a jaxvlm workdir, a `.gguf` file). A WordPiece vocabulary has no decoder-start
+    token: when `config.bridge.dec_token_id` is the tokenizer's size, `[DEC]` is added with that id,
+    as LAVIS does. `cls_token_id` and `dec_token_id` must be ids of the tokenizer, and every id
+    must have a row in the bridge's vocabulary (`config.bridge.vocab_size`).
+    """
+    from jaxvlm import data as data_lib
+
+    bridge = config.bridge
+    if "tokenizer" not in bridge:
+        raise config_utils.ConfigError(
+            f"config.bridge (name={bridge.name!r}) has no tokenizer field: it reads no text"
+        )
+    source = bridge.tokenizer
+    if source == "world":
+        tokenizer = data_lib.world_tokenizer()
+    else:
+        try:
+            tokenizer = data_lib.load_tokenizer(source)
+        except ValueError as error:
+            raise config_utils.ConfigError(f"config.bridge.tokenizer: {error}") from None
+    if "dec_token_id" in bridge and bridge.dec_token_id == tokenizer.vocab_size:
+        if tokenizer.token_to_id(DEC_TOKEN) is None:
+            tokenizer.add_special_tokens([DEC_TOKEN])
+    for key in ("cls_token_id", "dec_token_id"):
+        if key in bridge and tokenizer.id_to_token(bridge[key]) is None:
+            raise config_utils.ConfigError(
+                f"config.bridge.{key}={bridge[key]} is not an id of the bridge tokenizer "
+                f"({source}: {tokenizer.vocab_size} tokens)"
+            )
+    if "vocab_size" in bridge and tokenizer.vocab_size > bridge.vocab_size:
+        raise config_utils.ConfigError(
+            f"the bridge tokenizer ({source}) has {tokenizer.vocab_size} tokens, more than "
+            f"config.bridge.vocab_size={bridge.vocab_size}"
+        )
     return tokenizer
 
 

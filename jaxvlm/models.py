@@ -127,6 +127,9 @@ class ModelSpec:
     build: Callable[[ml_collections.ConfigDict], nn.Module]
     example_inputs: Callable[[ml_collections.ConfigDict], tuple[tuple, dict]]
     components: tuple[str, ...]
+    # Components that may be "none" when config.objective is one of `bridge_only_objectives`.
+    optional_components: tuple[str, ...] = ()
+    bridge_only_objectives: tuple[str, ...] = ()
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -134,7 +137,14 @@ MODELS: dict[str, ModelSpec] = {
     "dual_encoder": ModelSpec(
         build_dual_encoder, dual_encoder_example_inputs, ("encoder", "text_encoder")
     ),
-    "vlm": ModelSpec(build_vlm, vlm_example_inputs, ("encoder", "llm", "bridge")),
+    # BLIP-2 stage 1 trains the bridge with no LLM (INTERFACES.md §4: config.llm.name="none").
+    "vlm": ModelSpec(
+        build_vlm,
+        vlm_example_inputs,
+        ("encoder", "llm", "bridge"),
+        optional_components=("llm",),
+        bridge_only_objectives=("bridge_pretrain",),
+    ),
 }
 
 
@@ -158,9 +168,18 @@ def init_fn(model: nn.Module, config: ml_collections.ConfigDict) -> Callable:
 
 def validate_components(config: ml_collections.ConfigDict) -> None:
     """Every component the model needs is named, and every field is a field of its module."""
-    for component in get_model_spec(config).components:
-        if config[component].name == "none":
+    spec = get_model_spec(config)
+    for component in spec.components:
+        if config[component].name != "none":
+            continue
+        if component in spec.optional_components:
+            if config.objective in spec.bridge_only_objectives:
+                continue
             raise config_utils.ConfigError(
-                f"config.{component}.name is 'none' but config.model={config.model!r} needs it"
+                f"config.{component}.name is 'none' but config.objective={config.objective!r} "
+                f"needs it (only {', '.join(spec.bridge_only_objectives)} trains without one)"
             )
+        raise config_utils.ConfigError(
+            f"config.{component}.name is 'none' but config.model={config.model!r} needs it"
+        )
     build_model(config)  # constructing the modules checks names and fields; nothing is initialised

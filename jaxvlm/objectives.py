@@ -14,36 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxvlm import sharding
-
-
-def cross_entropy(logits, targets, weights, label_smoothing: float = 0.0):
-    """Weighted token cross-entropy in float32.
-
-    Computed as `logsumexp(logits) - logits[target]` rather than through `log_softmax`: the gradient
-    is then one fused `softmax - one_hot` pass, with no `[..., V]` log-probability buffer and no
-    scatter into zeros for the gathered target. Argmax hits are the first maximal index (as
-    `jnp.argmax`), found with two plain reductions instead of a variadic (value, index) one.
-
-    Args:
-      logits: float[..., V]; targets: int[...]; weights: float[...] (0 masks a position).
-      label_smoothing: mass spread uniformly over the vocabulary (BLIP-2 uses 0.1).
-    Returns:
-      (sum of weighted losses, sum of weights, number of weighted argmax hits), all float32 scalars.
-    """
-    logits = logits.astype(jnp.float32)
-    vocab = logits.shape[-1]
-    max_logits = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-    log_normalizer = jnp.log(jnp.sum(jnp.exp(logits - max_logits), axis=-1)) + max_logits[..., 0]
-    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    losses = log_normalizer - target_logits
-    if label_smoothing:
-        mean_log_probs = jnp.mean(logits, axis=-1) - log_normalizer
-        losses = (1.0 - label_smoothing) * losses - label_smoothing * mean_log_probs
-    weights = weights.astype(jnp.float32)
-    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-    argmax = jnp.min(jnp.where(logits == max_logits, index, vocab), axis=-1)
-    hits = (argmax == targets).astype(jnp.float32)
-    return jnp.sum(losses * weights), jnp.sum(weights), jnp.sum(hits * weights)
+from jaxvlm.layers.losses import cross_entropy
 
 
 def next_token_targets(tokens, loss_mask):
@@ -57,9 +28,10 @@ def next_token_targets(tokens, loss_mask):
 
 def lm_loss(model, params, batch, rng, *, mesh, config):
     """Next-token cross-entropy over the positions `batch["loss_mask"]` marks (for a VLM batch,
-    with its "images" and "image_mask")."""
+    with its "images", "image_mask" and, for a prompt-reading bridge, "bridge_ids"/"bridge_mask")."""
     del rng, mesh
-    images = {key: batch[key] for key in ("images", "image_mask") if key in batch}
+    keys = ("images", "image_mask", "bridge_ids", "bridge_mask")
+    images = {key: batch[key] for key in keys if key in batch}
     output = model.apply({"params": params}, batch["tokens"], mask=batch["mask"], **images)
     targets, weights = next_token_targets(batch["tokens"], batch["loss_mask"])
     # Score all T positions, the last with weight 0: slicing the logits to T-1 would copy
@@ -118,10 +90,69 @@ def _row_cross_entropy(logits, labels, label_smoothing):
     return nll
 
 
+def gathered_max_over_queries(mesh):
+    """BLIP-2 ITC similarities over the global batch, negatives all-gathered with `shard_map`.
+
+    Returns `fn(image_embeddings float[B, Q, E], text_embeddings float[B, E]) -> (i2t, t2i)`, both
+    float[B, B] with i2t[i, j] = t2i[j, i] = max_q image_iq · text_j. Each device computes the
+    rows of its own images and texts against the gathered batch (`sharding.with_gathered_batch`).
+    """
+
+    def per_example(offset, local_images, local_texts, all_images, all_texts):
+        del offset
+        i2t = jnp.max(jnp.einsum("iqe,je->iqj", local_images, all_texts), axis=1)
+        t2i = jnp.max(jnp.einsum("je,iqe->jqi", local_texts, all_images), axis=1)
+        return jnp.stack([i2t, t2i], axis=1)  # [b, 2, B]
+
+    gathered = sharding.with_gathered_batch(per_example, mesh, num_local_args=2)
+
+    def similarities(image_embeddings, text_embeddings):
+        both = gathered(image_embeddings, text_embeddings, image_embeddings, text_embeddings)
+        return both[:, 0], both[:, 1]
+
+    return similarities
+
+
+def bridge_pretrain_loss(model, params, batch, rng, *, mesh, config):
+    """A bridge's own stage (BLIP-2 stage 1: ITC + ITM + ITG) on image–caption pairs.
+
+    The frozen encoder's features (`VLM.image_features`) feed the bridge's `pretrain_loss`,
+    with the weights and label smoothings of `config.loss` and the ITC negatives gathered
+    across every batch axis of `mesh`. Batch: the "captions" task's "image", "text_tokens",
+    "text_mask".
+    """
+    from jaxvlm.bridges import BridgeText
+    from jaxvlm.vlm import VLM
+
+    bridge = model.bridge
+    if not hasattr(bridge, "pretrain_loss"):
+        raise ValueError(
+            f"config.objective='bridge_pretrain' but config.bridge.name={config.bridge.name!r} "
+            "defines no pretrain_loss"
+        )
+    images = batch["image"][:, None]
+    features = model.apply({"params": params}, images, method=VLM.image_features)
+    bridge_batch = {
+        "image_features": features,
+        "image_mask": jnp.ones(images.shape[:2], bool),
+        "text": BridgeText(ids=batch["text_tokens"], mask=batch["text_mask"]),
+    }
+    dropout_rng, sampling_rng = jax.random.split(rng)
+    return bridge.pretrain_loss(
+        bridge,
+        params["bridge"],
+        bridge_batch,
+        {"dropout": dropout_rng, "sampling": sampling_rng},
+        similarities=gathered_max_over_queries(mesh),
+        **config.loss,
+    )
+
+
 LossFn = Callable[..., tuple[jax.Array, dict]]
 
 OBJECTIVES: dict[str, LossFn] = {
     "lm": lm_loss,
+    "bridge_pretrain": bridge_pretrain_loss,
     "contrastive": contrastive_loss,
 }
 

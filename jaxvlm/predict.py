@@ -64,7 +64,8 @@ def generate_fn(model: nn.Module, mesh) -> Callable:
     Returns `fn(params, batch, *, max_new_tokens, eos_id, pad_id, stop_ids=(),
     decoding=None, seed=0, example_indices=None) -> GenerateOutput` (numpy, on the host):
       batch: "tokens", "mask" int[B, T] — left-padded prompts; for a VLM also "images"
-        float32[B, M, S, S, 3] and "image_mask" bool[B, M] (other keys are ignored). B must be
+        float32[B, M, S, S, 3], "image_mask" bool[B, M] and, for a prompt-reading bridge,
+        "bridge_ids"/"bridge_mask" int[B, Tq] (other keys are ignored). B must be
         a multiple of the mesh's batch shards.
       the keywords are those of `jaxvlm.decoding.generate`; `example_indices` int[B] (default
         arange(B)) key the sampling per example, so batching does not change samples.
@@ -74,19 +75,15 @@ def generate_fn(model: nn.Module, mesh) -> Callable:
     if isinstance(model, vlm.VLM):
         embed = _jit(
             lambda params, batch: model.apply(
-                {"params": params},
-                batch["tokens"],
-                batch["images"],
-                batch["image_mask"],
-                method=vlm.VLM.embed_inputs,
+                {"params": params}, **batch, method=vlm.VLM.embed_inputs
             ),
             mesh,
             fetch=False,
         )
 
         def prompt_inputs(params, batch):
-            keys = ("tokens", "images", "image_mask")
-            return None, embed(params, {key: batch[key] for key in keys})
+            keys = ("tokens", "images", "image_mask", "bridge_ids", "bridge_mask")
+            return None, embed(params, {key: batch[key] for key in keys if key in batch})
 
     elif isinstance(model, models.LanguageModel):
 
@@ -156,7 +153,32 @@ def predict_fns(model: nn.Module, mesh) -> dict[str, Callable]:
             batch["text_mask"],
             method=models.DualEncoder.embed_text,
         )
+    if isinstance(model, vlm.VLM) and hasattr(model.bridge, "embed_text"):
+        # A bridge with its own contrastive heads (BLIP-2's Q-Former ITC): retrieval.
+        fns["embed_image"] = lambda params, batch: model.apply(
+            {"params": params}, batch["image"], method=vlm.VLM.retrieval_image_embeddings
+        )
+        fns["embed_text"] = lambda params, batch: model.apply(
+            {"params": params},
+            batch["text_tokens"],
+            batch["text_mask"],
+            method=vlm.VLM.retrieval_text_embeddings,
+        )
+    if isinstance(model, vlm.VLM) and hasattr(model.bridge, "itm_logits"):
+        # ... and an image-text matching head: re-ranking the ITC candidates.
+        fns["image_features"] = lambda params, batch: model.apply(
+            {"params": params}, batch["image"], method=vlm.VLM.retrieval_image_features
+        )
+        fns["match_score"] = lambda params, batch: model.apply(
+            {"params": params},
+            batch["image_features"],
+            batch["text_tokens"],
+            batch["text_mask"],
+            method=vlm.VLM.retrieval_match_score,
+        )
     jitted = {name: _jit(fn, mesh) for name, fn in fns.items()}
-    if isinstance(model, (vlm.VLM, models.LanguageModel)):
+    if isinstance(model, models.LanguageModel) or (
+        isinstance(model, vlm.VLM) and model.llm is not None
+    ):
         jitted["generate"] = _generated_tokens(model, mesh)
     return jitted

@@ -2,10 +2,11 @@
 
 Phases: build (or reuse) the synthetic world → pretrain (or reuse) the world ViT (CLIP-style) and the
 world LM (text only) → for each selected recipe, train its stages (LLaVA: stage 1, the projector on
-captions; stage 2, projector + LLM on instructions, from stage 1) → evaluate every model on `test` and
-`test_novel`, generative models beside the blind baseline (the frozen world LM, same template and
-prompt, no image) → print a table and write `metrics.json`, `report.md` and `loss_curves.png` into the
-workdir (INTERFACES.md §3).
+captions; stage 2, projector + LLM on instructions, from stage 1; BLIP-2 with `--bridges blip2`:
+Q-Former stage 1, stage 2 into the world LM, the VQA fine-tune and the no-stage-1 ablation) →
+evaluate every model on `test` and `test_novel`, generative models beside the blind baseline (the
+frozen world LM, same template and prompt, no image) → print a table and write `metrics.json`,
+`report.md` and `loss_curves.png` into the workdir (INTERFACES.md §3).
 
 Every phase is skipped when already done, so re-running is cheap and an interrupted run resumes.
 Backbones live in the cache (`<cache>/backbones/<config-hash>/`) and appear in the workdir as links
@@ -44,6 +45,16 @@ class Stage:
 # The quickstart's recipes, by config name (INTERFACES.md §4: `--bridges` values).
 RECIPES: dict[str, tuple[Stage, ...]] = {
     "llava": (Stage("stage1", "stage=1"), Stage("stage2", "stage=2", init_from="stage1")),
+    # BLIP-2 (papers.md §1): stage 1 (Q-Former alone, retrieval), stage 2 into the frozen world
+    # LM (zero-shot VQA and captions), the VQA fine-tune from stage 2 (question into the
+    # Q-Former), and the paper's ablation: stage 2 without stage 1. The last stage's config
+    # (stage 2's template, prompts and decoding) gives `blind_blip2`.
+    "blip2": (
+        Stage("stage1", "stage=1"),
+        Stage("stage2_decoder", "stage=2", init_from="stage1"),
+        Stage("vqa_ft", "stage=vqa", init_from="stage2_decoder"),
+        Stage("no_stage1", "stage=2"),
+    ),
 }
 # The recipe whose blind baseline is the row `blind` (others are `blind_<config>`).
 MAIN_RECIPE = "llava"
@@ -96,10 +107,11 @@ def run(
     *,
     bridges: tuple[str, ...] = ("llava",),
     size: str = "default",
-    overrides: dict | None = None,
+    overrides: dict[str, dict] | None = None,
 ) -> dict:
     """All phases. `size` is the configs' size argument (`tiny` in tests); `overrides` are
-    config overrides applied to every recipe stage (e.g. {"train.num_steps": 40} in tests)."""
+    config overrides per recipe, applied to each of its stages (e.g. {"llava":
+    {"train.num_steps": 40}} in tests)."""
     from jaxvlm import data
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -117,7 +129,15 @@ def run(
             phases.append(
                 (
                     f"{recipe}_{stage.name}",
-                    _stage_phase(workdir, recipe, stage, spec, cache_dir, metrics, overrides),
+                    _stage_phase(
+                        workdir,
+                        recipe,
+                        stage,
+                        spec,
+                        cache_dir,
+                        metrics,
+                        (overrides or {}).get(recipe),
+                    ),
                 )
             )
     for phase, action in phases:

@@ -17,15 +17,18 @@ Only `PREFIX` bridges are composed here; `CROSS_ATTENTION` bridges need the deco
 
 from __future__ import annotations
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxvlm.bridges import Injection, build_bridge
+from jaxvlm.bridges import BridgeText, Injection, build_bridge
 from jaxvlm.encoders import build_encoder
 from jaxvlm.llms import build_llm
+from jaxvlm.param_paths import path_string
 
 __all__ = ["VLM", "build_vlm", "check_placeholders", "vlm_example_inputs"]
 
@@ -68,14 +71,16 @@ class VLM(nn.Module):
     Attributes:
       encoder: images float[B, H, W, 3] → `EncoderOutput(features float[B, P, Dv])`.
       bridge: a `PREFIX` bridge (bridges/base.py).
-      llm: a decoder with `embed(tokens)` and `__call__(embeddings=..., kv_mask=..., positions=...)`.
+      llm: a decoder with `embed(tokens)` and `__call__(embeddings=..., kv_mask=..., positions=...)`,
+        or None for a bridge-only stage (`config.llm.name="none"`: BLIP-2 stage 1, whose
+        objective calls the bridge's `pretrain_loss` on `image_features`).
       image_token_id: the `<image>` placeholder id in the text.
       freeze_encoder: stop the gradient at the encoder features.
     """
 
     encoder: nn.Module
     bridge: nn.Module
-    llm: nn.Module
+    llm: nn.Module | None
     image_token_id: int
     freeze_encoder: bool = True
 
@@ -88,27 +93,69 @@ class VLM(nn.Module):
         """`encoder`, `bridge` and `llm` are fields, bound under those names (setup style, so the
         module exposes `embed_images`, `embed_inputs` and `__call__`)."""
 
-    def embed_images(self, images: jax.Array, image_mask: jax.Array) -> jax.Array:
-        """`images float[B, M, H, W, 3]`, `image_mask bool[B, M]` → tokens float[B, M, N, D]."""
+    def image_features(self, images: jax.Array) -> jax.Array:
+        """`images float[B, M, H, W, 3]` → the bridge's input float[B, M, 1, P, Dv] (one frame
+        per still image), behind `stop_gradient` when the encoder is frozen."""
         if images.ndim != 5:
             raise ValueError(f"images must be float[B, M, H, W, 3]; got shape {images.shape}")
         batch, num_images = images.shape[:2]
         features = self.encoder(images.reshape(batch * num_images, *images.shape[2:])).features
         if self.freeze_encoder:
             features = jax.lax.stop_gradient(features)
-        # Still images: one frame each, F = 1.
-        features = features.reshape(batch, num_images, 1, *features.shape[1:])
-        return self.bridge(features, image_mask=image_mask, text=None, train=False).tokens
+        return features.reshape(batch, num_images, 1, *features.shape[1:])
+
+    def retrieval_image_embeddings(self, images: jax.Array) -> jax.Array:
+        """`images float[B, H, W, 3]` → the bridge's contrastive image embeddings (BLIP-2 ITC:
+        float32[B, Q, E], one per query), for bridges with `embed_image` / `embed_text`."""
+        return self.bridge.embed_image(self.retrieval_image_features(images))
+
+    def retrieval_text_embeddings(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+        """`tokens, mask int[B, T]` → the bridge's contrastive text embeddings float32[B, E]."""
+        return self.bridge.embed_text(tokens, mask)
+
+    def retrieval_image_features(self, images: jax.Array) -> jax.Array:
+        """`images float[B, H, W, 3]` → the bridge's input float[B, P, Dv] (ITM re-ranking
+        computes them once per image)."""
+        features = self.image_features(images[:, None])
+        return features[:, 0].reshape(images.shape[0], -1, features.shape[-1])
+
+    def retrieval_match_score(
+        self, image_features: jax.Array, tokens: jax.Array, mask: jax.Array
+    ) -> jax.Array:
+        """`image_features float[B, P, Dv]` (from `retrieval_image_features`), `tokens, mask
+        int[B, T]` → the ITM matched logit float32[B] of each pair (BLIP-2 re-ranking)."""
+        return self.bridge.itm_logits(image_features, tokens, mask)[:, 1]
+
+    def embed_images(
+        self,
+        images: jax.Array,
+        image_mask: jax.Array,
+        bridge_ids: jax.Array | None = None,
+        bridge_mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """`images float[B, M, H, W, 3]`, `image_mask bool[B, M]` → tokens float[B, M, N, D].
+
+        `bridge_ids`, `bridge_mask int[B, Tq]`: the prompt in the bridge's vocabulary, for a bridge
+        that reads it (BLIP-2's VQA fine-tune); others ignore it.
+        """
+        features = self.image_features(images)
+        text = None if bridge_ids is None else BridgeText(ids=bridge_ids, mask=bridge_mask)
+        return self.bridge(features, image_mask=image_mask, text=text, train=False).tokens
 
     def embed_inputs(
-        self, tokens: jax.Array, images: jax.Array, image_mask: jax.Array
+        self,
+        tokens: jax.Array,
+        images: jax.Array,
+        image_mask: jax.Array,
+        bridge_ids: jax.Array | None = None,
+        bridge_mask: jax.Array | None = None,
     ) -> jax.Array:
         """`tokens int[B, T]` → float[B, T, D]: text embeddings with the image tokens scattered in.
 
         Placeholder k of row b (counting from 0) takes token k of the bridge tokens of row b
         reshaped [M·N, D], i.e. token n = k mod N of image m = k // N.
         """
-        image_tokens = self.embed_images(images, image_mask)
+        image_tokens = self.embed_images(images, image_mask, bridge_ids, bridge_mask)
         batch, num_images, per_image, dim = image_tokens.shape
         flat = image_tokens.reshape(batch, num_images * per_image, dim)
         text = self.llm.embed(tokens)
@@ -127,22 +174,50 @@ class VLM(nn.Module):
         *,
         mask: jax.Array | None = None,
         positions: jax.Array | None = None,
+        bridge_ids: jax.Array | None = None,
+        bridge_mask: jax.Array | None = None,
     ):
-        """Returns the LLM's `DecoderOutput` (logits float32[B, T, V])."""
-        embeddings = self.embed_inputs(tokens, images, image_mask)
+        """Returns the LLM's `DecoderOutput` (logits float32[B, T, V]); without an LLM, the
+        bridge tokens float[B, M, N, D] (what initialisation traces). `bridge_ids`,
+        `bridge_mask`: as `embed_images`."""
+        if self.llm is None:
+            return self.embed_images(images, image_mask, bridge_ids, bridge_mask)
+        embeddings = self.embed_inputs(tokens, images, image_mask, bridge_ids, bridge_mask)
         return self.llm(embeddings=embeddings, kv_mask=mask, positions=positions)
 
 
 def build_vlm(config: ml_collections.ConfigDict) -> nn.Module:
-    bridge = build_bridge(config.bridge, vision_dim=config.encoder.width, llm_dim=config.llm.dim)
+    """Encoder, bridge and LLM from `config`; `config.llm.name="none"` gives no LLM (and a bridge
+    with `llm_dim=0`). The encoder is behind `stop_gradient` unless `config.trainable` names
+    one of its parameters."""
+    has_llm = config.llm.name != "none"
+    llm_dim = config.llm.dim if has_llm else 0
+    bridge = build_bridge(config.bridge, vision_dim=config.encoder.width, llm_dim=llm_dim)
     if getattr(bridge, "injection", None) is Injection.CROSS_ATTENTION:
         raise _cross_attention_error(config.bridge.name)
+    encoder = build_encoder(config.encoder)
     return VLM(
-        encoder=build_encoder(config.encoder),
+        encoder=encoder,
         bridge=bridge,
-        llm=build_llm(config.llm),
+        llm=build_llm(config.llm) if has_llm else None,
         image_token_id=config.data.image_token_id,
+        freeze_encoder=not encoder_trains(config, encoder),
     )
+
+
+def encoder_trains(config: ml_collections.ConfigDict, encoder: nn.Module) -> bool:
+    """Whether a `config.trainable` pattern matches an encoder parameter (`encoder/...`), so
+    the gradient must flow into the encoder (BLIP-2's fine-tunes); else it stops at its
+    features. The parameter paths come from an abstract init (nothing is allocated)."""
+    size = config.preprocessing.image_size
+    images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    shapes = jax.eval_shape(lambda rng, x: encoder.init(rng, x), jax.random.key(0), images)
+    paths = [
+        "encoder/" + path_string(path)
+        for path, _ in jax.tree_util.tree_leaves_with_path(nn.unbox(shapes["params"]))
+    ]
+    patterns = [re.compile(pattern) for pattern in config.trainable]
+    return any(pattern.fullmatch(path) for pattern in patterns for path in paths)
 
 
 def vlm_example_inputs(config: ml_collections.ConfigDict) -> tuple[tuple, dict]:
@@ -168,9 +243,12 @@ def conversation_format(
 ):
     """How this VLM's conversations are tokenised: `config.template`, the `<image>` id expanded to
     `tokens_per_image(config)` slots, `config.data` mix and prompts; `max_len` defaults to
-    `config.data.max_text_len`."""
-    from jaxvlm.data import chat, conversations
+    `config.data.max_text_len`. A bridge with `read_prompt` also gets the prompt (the question),
+    tokenised by its own tokenizer to `config.data.bridge_max_text_len`."""
+    from jaxvlm import initialization
+    from jaxvlm.data import chat, conversations, instructions
 
+    reads_prompt = bool(config.bridge.get("read_prompt", False))
     return conversations.ConversationFormat(
         tokenizer=tokenizer,
         template=chat.ChatTemplate.from_config(config.template),
@@ -180,4 +258,8 @@ def conversation_format(
         mix=dict(config.data.instruction_mix),
         vqa_prompt=config.data.vqa_prompt,
         vqa_turns=config.data.vqa_turns,
+        caption_prompts=tuple(config.data.caption_prompts) or instructions.BRIEF_PROMPTS,
+        bridge_tokenizer=initialization.bridge_tokenizer(config) if reads_prompt else None,
+        bridge_max_len=config.data.bridge_max_text_len,
+        image_position=config.data.image_position,
     )

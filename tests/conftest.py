@@ -54,5 +54,7 @@ def quickstart_workdir(tmp_path_factory, cache_dir):
     from jaxvlm import quickstart
 
     workdir = Path(tmp_path_factory.mktemp("quickstart"))
-    quickstart.run(workdir, cache_dir, CONFIGS, size="tiny", overrides=QUICKSTART_OVERRIDES)
+    quickstart.run(
+        workdir, cache_dir, CONFIGS, size="tiny", overrides={"llava": QUICKSTART_OVERRIDES}
+    )
     return workdir

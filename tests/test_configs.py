@@ -12,6 +12,10 @@ RECIPES = [
     ("backbones_pretrain", "model=lm"),
     ("llava", "stage=1"),
     ("llava", "stage=2"),
+    ("blip2", "stage=1"),
+    ("blip2", "stage=2"),
+    ("blip2", "stage=vqa"),
+    ("blip2", "stage=caption"),
 ]
 
 
@@ -45,6 +49,32 @@ def test_llava_paper_recipe():
     assert stage2.data.instruction_mix.vqa == 0 and stage2.template.system_message.startswith(
         "A chat"
     )
+
+
+def test_blip2_paper_recipe():
+    """papers.md §1 under size=paper: stage 1, stage 2 into OPT-2.7B, the protocol's fine-tunes."""
+    load = lambda stage: config_utils.load_config(f"{CONFIGS}/blip2.py:stage={stage},size=paper")
+    stage1, stage2, vqa, caption = map(load, ("1", "2", "vqa", "caption"))
+    bridge = stage1.bridge
+    assert (bridge.num_queries, bridge.dim, bridge.depth, bridge.embed_dim) == (32, 768, 12, 256)
+    assert bridge.cross_attention_frequency == 2 and bridge.temperature_init == 0.07
+    assert stage1.encoder.feature_layer == -2 and stage1.data.max_text_len == 32
+    assert (stage1.data.batch_size, stage1.train.num_steps) == (2320, 250_000)
+    assert (stage2.data.batch_size, stage2.train.num_steps) == (1920, 80_000)
+    for config in (stage1, stage2):
+        assert (config.optimizer.b2, config.optimizer.weight_decay) == (0.98, 0.05)
+        assert (config.optimizer.learning_rate, config.optimizer.warmup_steps) == (1e-4, 2000)
+    assert stage2.optimizer.min_learning_rate == 5e-5
+    assert dict(stage1.loss) == dict(
+        itc=1.0, itm=1.0, itg=1.0, itc_label_smoothing=0.1, itg_label_smoothing=0.1
+    )
+    assert stage1.evals.retrieval.rerank == "itm" and stage1.evals.retrieval.rerank_k == 128
+    assert (stage2.evals.vqa.num_beams, stage2.evals.vqa.length_penalty) == (5, -1.0)
+    assert stage2.evals.vqa.max_new_tokens == 10
+    assert vqa.bridge.read_prompt and not stage2.bridge.read_prompt
+    for config in (vqa, caption):  # the LLM frozen, the Q-Former and the ViT trained
+        assert "encoder/.*" in config.trainable and not any("llm" in p for p in config.trainable)
+    assert caption.evals.caption.prompt == caption.data.caption_prompts[0] == "a photo of"
 
 
 def test_misspelt_override_raises_naming_the_key():
@@ -102,11 +132,26 @@ def test_train_cli_typo_fails_before_writing(tmp_path, capsys):
         ({"train.checkpoint_every": 0}, "checkpoint_every"),
         ({"evals.perplexity.type": "bleu"}, "evals.perplexity.type"),
         ({"evals.perplexity.split": "tset"}, "evals.perplexity.split"),
+        ({"data.augment": "blip3"}, "data.augment='blip3'; allowed: none, blip2"),
+        ({"data.augment": "blip2"}, "applies to the captions task only"),  # a text task
     ],
 )
 def test_bad_steps_and_evaluators_are_config_errors(override, match):
     with pytest.raises(config_utils.ConfigError, match=match):
         config_utils.load_config(f"{CONFIGS}/backbones_pretrain.py:model=lm,size=tiny", override)
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ({"evals.retrieval.rerank": "itc"}, "evals.retrieval.rerank='itc'; allowed: none, itm"),
+        ({"evals.retrieval.rerank_k": 0}, "evals.retrieval.rerank_k=0 must be >= 1"),
+        ({"data.image_position": "last"}, "image_position='last'; allowed: random, first"),
+    ],
+)
+def test_bad_retrieval_rerank_and_image_position_are_config_errors(override, match):
+    with pytest.raises(config_utils.ConfigError, match=match):
+        config_utils.load_config(f"{CONFIGS}/blip2.py:stage=1,size=tiny", override)
 
 
 @pytest.mark.parametrize("llm", ["llama", "opt"])
@@ -144,3 +189,39 @@ def test_llava_into_smollm2_uses_its_tokenizer_template_and_an_added_image_token
     assert (encoded.ids == 49152).sum() == 4
     answer = encoded.ids[encoded.loss_mask.astype(bool)]
     assert tokenizer.decode(answer, skip_special_tokens=False) == "red<|im_end|>\n"
+
+
+def test_a_config_saved_before_later_fields_existed_still_loads():
+    """Saved runs predate some base_config fields; evaluate fills them with today's defaults."""
+    from jaxvlm import evaluate
+
+    current = config_utils.load_config(f"{CONFIGS}/llava.py:stage=2,size=tiny").to_dict()
+    saved = {k: v for k, v in current.items() if k != "loss"}
+    saved["data"] = {k: v for k, v in current["data"].items() if k != "caption_prompts"}
+    saved["evals"] = {
+        name: {k: v for k, v in fields.items() if k not in ("num_beams", "length_penalty")}
+        for name, fields in current["evals"].items()
+    }
+    upgraded = evaluate.upgrade_saved_config(saved)
+    assert upgraded["loss"] == current["loss"]
+    assert tuple(upgraded["data"]["caption_prompts"]) == tuple(current["data"]["caption_prompts"])
+    assert upgraded["evals"] == current["evals"]
+
+
+def test_a_blip2_stage1_saved_before_the_bridge_tokenizer_and_rerank_still_loads():
+    from jaxvlm import evaluate
+
+    current = config_utils.load_config(f"{CONFIGS}/blip2.py:stage=1,size=tiny").to_dict()
+    saved = {**current, "bridge": {k: v for k, v in current["bridge"].items() if k != "tokenizer"}}
+    saved["data"] = {
+        k: v
+        for k, v in current["data"].items()
+        if k not in ("image_position", "bridge_max_text_len")
+    }
+    saved["evals"] = {"retrieval": {**current["evals"]["retrieval"]}}
+    del saved["evals"]["retrieval"]["rerank"], saved["evals"]["retrieval"]["rerank_k"]
+    upgraded = evaluate.upgrade_saved_config(saved)
+    assert upgraded["bridge"] == current["bridge"]
+    assert upgraded["data"] == current["data"]
+    # Runs saved before re-ranking existed ranked by ITC alone.
+    assert upgraded["evals"]["retrieval"]["rerank"] == "none"

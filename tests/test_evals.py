@@ -95,3 +95,74 @@ def test_trimming_keeps_a_real_lm_score(tiny_config):
     np.testing.assert_allclose(
         np.asarray(score(params, trimmed)), np.asarray(score(params, batch)), rtol=1e-5, atol=1e-5
     )
+
+
+# ITC similarity of 4 images × 4 texts (text j belongs to image j): image 0's text ranks 3rd,
+# image 1's 4th; text 0's image ranks 2nd, text 1's 4th.
+ITC = np.array(
+    [
+        [0.5, 0.9, 0.8, 0.1],
+        [0.9, 0.1, 0.8, 0.7],
+        [0.1, 0.2, 0.9, 0.3],
+        [0.2, 0.3, 0.1, 0.9],
+    ]
+)
+
+
+def _rerank_evaluator(rerank, rerank_k, match=lambda i, j: float(i == j)):
+    scored = []
+
+    def match_score(params, batch):
+        pairs = zip(batch["image_features"][:, 0], batch["text_tokens"][:, 0], strict=True)
+        pairs = [(int(i), int(j)) for i, j in pairs]
+        scored.extend(pairs)
+        return np.array([match(i, j) for i, j in pairs], np.float32)
+
+    fns = {
+        "embed_image": lambda params, batch: ITC[batch["image"][:, 0].astype(int)],
+        "embed_text": lambda params, batch: np.eye(4)[batch["text_tokens"][:, 0].astype(int)],
+        "image_features": lambda params, batch: batch["image"],
+        "match_score": match_score,
+    }
+    data = SimpleNamespace(
+        images=[{"image": np.array([i], np.float32)} for i in range(4)],
+        texts=[{"text_tokens": np.array([j]), "text_mask": np.ones(1)} for j in range(4)],
+        text_to_image=np.arange(4),
+    )
+    evaluator = RetrievalEvaluator(fns, data=data, batch_size=3, rerank=rerank, rerank_k=rerank_k)
+    return evaluator, scored
+
+
+def test_itm_reranks_the_top_k_itc_candidates_by_hand():
+    ks = (1, 2, 3, 4)
+    itc = recall_at_k(ITC, np.arange(4), ks)
+    assert itc["r1_image_to_text"] == itc["r1_text_to_image"] == 50.0
+    evaluator, scored = _rerank_evaluator("itm", 3)
+    metrics = evaluator.run(None)
+    # Image 0's text (3rd) and text 0's image (2nd) rise to 1st; image 1's and text 1's, outside
+    # the top 3, stay out.
+    assert metrics["r1_image_to_text"] == metrics["r1_text_to_image"] == 75.0
+    assert metrics["r10_image_to_text"] == 100.0
+    image_scores, text_scores = evaluator.rerank_scores(None, ITC)
+    assert np.argsort(-image_scores[1]).tolist()[-1] == 1  # below every re-scored candidate
+    # Every candidate pair of either direction is scored exactly once.
+    top = {(i, int(j)) for i in range(4) for j in np.argsort(-ITC[i])[:3]}
+    top |= {(int(i), j) for j in range(4) for i in np.argsort(-ITC[:, j])[:3]}
+    assert len(scored) == 2 * len(top) and set(scored) == top  # run() and rerank_scores()
+
+
+def test_rerank_outside_the_top_k_keeps_the_itc_order():
+    metrics, _ = _rerank_evaluator("itm", 1)
+    assert metrics.run(None) == recall_at_k(ITC, np.arange(4))
+    # ITM + ITC with an uninformative ITM head is the ITC ranking.
+    flat, _ = _rerank_evaluator("itm_itc", 4, match=lambda i, j: 0.0)
+    assert flat.run(None) == recall_at_k(ITC, np.arange(4))
+
+
+def test_rerank_needs_a_matching_head():
+    data = SimpleNamespace(images=[], texts=[], text_to_image=np.arange(0))
+    fns = {"embed_image": None, "embed_text": None}
+    with pytest.raises(ValueError, match=r"needs an image-text matching head.*match_score"):
+        RetrievalEvaluator(fns, data=data, batch_size=2, rerank="itm")
+    with pytest.raises(ValueError, match="rerank='itc'; allowed: none, itm, itm_itc"):
+        RetrievalEvaluator(fns, data=data, batch_size=2, rerank="itc")

@@ -148,15 +148,27 @@ class FakeGenerate:
     ceil(num_examples / batch_size) calls; it checks the arguments the evaluator passes."""
 
     def __init__(
-        self, answers, *, num_examples, batch_size, max_new_tokens, tokenizer, check_batch=None
+        self,
+        answers,
+        *,
+        num_examples,
+        batch_size,
+        max_new_tokens,
+        tokenizer,
+        check_batch=None,
+        decoding=None,
     ):
+        from jaxvlm.decoding import Decoding
+
+        self.decoding = decoding or Decoding()
         self.answers, self.batch_size = answers, batch_size
         self.calls_per_pass = -(-num_examples // batch_size)
         self.max_new_tokens, self.tokenizer = max_new_tokens, tokenizer
         self.check_batch = check_batch
         self.calls = 0
 
-    def __call__(self, params, batch, *, max_new_tokens, eos_id, pad_id, stop_ids):
+    def __call__(self, params, batch, *, max_new_tokens, eos_id, pad_id, stop_ids, decoding):
+        assert decoding == self.decoding  # the config's num_beams / length_penalty
         assert sorted(batch) == ["image_mask", "images", "mask", "tokens"]
         assert batch["tokens"].shape[0] == self.batch_size
         assert max_new_tokens == self.max_new_tokens
@@ -246,8 +258,13 @@ def test_captioning_evaluator_gives_cider_times_100(setup):
 
 
 def test_blind_vqa_evaluator_sends_no_image(setup):
+    """... and decodes as its config says (BLIP-2's zero-shot VQA: beam 5, length penalty -1)."""
+    from jaxvlm.decoding import Decoding
+
     config, world, tokenizer, preprocessing, fmt, _ = setup
-    fields = config.evals.vqa
+    fields = config.evals.vqa.copy_and_resolve_references()
+    fields.unlock()
+    fields.num_beams, fields.length_penalty = 5, -1.0
     context = EvalContext(world, tokenizer, preprocessing, config)
     references = _prompts(setup, "vqa", fields.num_examples).references
     # The most common human answer; by hand, ≥ 4 matching humans score 1 whichever is left out.
@@ -269,6 +286,7 @@ def test_blind_vqa_evaluator_sends_no_image(setup):
         max_new_tokens=fields.max_new_tokens,
         tokenizer=tokenizer,
         check_batch=no_image,
+        decoding=Decoding(num_beams=5, length_penalty=-1.0),
     )
     evaluator = EVALUATORS["vqa"].build({"generate": generate}, context, fields, 4, True)
     assert evaluator.data.references == references

@@ -44,7 +44,11 @@ def test_quickstart_writes_every_row_and_stage2_beats_blind(quickstart_workdir):
 def test_quickstart_rerun_skips_finished_phases(quickstart_workdir, cache_dir):
     before = json.loads((quickstart_workdir / "metrics.json").read_text())
     quickstart.run(
-        quickstart_workdir, cache_dir, CONFIGS, size="tiny", overrides=QUICKSTART_OVERRIDES
+        quickstart_workdir,
+        cache_dir,
+        CONFIGS,
+        size="tiny",
+        overrides={"llava": QUICKSTART_OVERRIDES},
     )
     after = json.loads((quickstart_workdir / "metrics.json").read_text())
     assert after["results"] == before["results"]

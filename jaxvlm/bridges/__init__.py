@@ -8,13 +8,13 @@ from collections.abc import Mapping
 
 import flax.linen as nn
 
-from jaxvlm.bridges import mlp_projector
+from jaxvlm.bridges import mlp_projector, qformer
 from jaxvlm.bridges.base import BridgeOutput, BridgeText, Injection
 from jaxvlm.components import build_component
 
 __all__ = ["BRIDGES", "BridgeOutput", "BridgeText", "Injection", "build_bridge"]
 
-BRIDGES = {"mlp_projector": mlp_projector}
+BRIDGES = {"mlp_projector": mlp_projector, "qformer": qformer}
 
 
 def build_bridge(

@@ -18,7 +18,9 @@ A bridge turns image-encoder features into something the LLM consumes. Each brid
 - for `CROSS_ATTENTION` only: `cross_attend(group_params, hidden, media, media_mask) -> hidden` and
   fields `every_n_layers`, `placement`;
 - optionally `pretrain_loss(model, params, batch, rngs) -> (loss, metrics)` for a bridge-specific
-  training stage.
+  training stage (`rngs`: "dropout" and "sampling" keys);
+- optionally `TINY_FIELDS`, a dict of fields for a small instance (the contract test builds each
+  bridge with it; bridges whose defaults are already small need none).
 
 Every bridge also has `dtype` and `param_dtype` fields and boxes each parameter with logical names
 from `sharding.LOGICAL_AXES`.

@@ -18,16 +18,18 @@ from jaxvlm.data.eval_sets import (
     vqa_prompts,
 )
 from jaxvlm.data.grammar import grammar_words
-from jaxvlm.data.pipeline import TASKS, TrainIterator, make_train_iterator
+from jaxvlm.data.pipeline import AUGMENTATIONS, TASKS, TrainIterator, make_train_iterator
 from jaxvlm.data.preprocessing import ImagePreprocessing, load_image
 from jaxvlm.data.sources import RecordSource, TextSource, text_source
 from jaxvlm.data.storage import World, build_world, load_world, open_world, write_world
 from jaxvlm.data.tokenizer import WORLD_SPECIAL_TOKENS, Tokenizer, load_tokenizer, world_tokenizer
 from jaxvlm.data.transforms import (
     AddLossMask,
+    FlipSwappingLeftRight,
     NormalizeImage,
     PadTokens,
     PickCaption,
+    RandomResizedCropKeepingObjects,
     SelectKeys,
     TokenizeText,
 )
@@ -50,6 +52,7 @@ from jaxvlm.data.world_config import (
 )
 
 __all__ = [
+    "AUGMENTATIONS",
     "BACKGROUNDS",
     "CLIP_SPLITS",
     "COLOURS",
@@ -67,6 +70,7 @@ __all__ = [
     "AddLossMask",
     "ChatTemplate",
     "ConversationFormat",
+    "FlipSwappingLeftRight",
     "ImagePreprocessing",
     "JaxvlmWorld",
     "PromptSet",
@@ -76,6 +80,7 @@ __all__ = [
     "NormalizeImage",
     "PadTokens",
     "PickCaption",
+    "RandomResizedCropKeepingObjects",
     "RecordSource",
     "SelectKeys",
     "TextSource",

@@ -11,6 +11,12 @@ Training tasks (batches: "tokens", "mask", "loss_mask" int32[B, T]; "images" flo
       ("caption").
 The loss covers the assistant turns only (`chat.encode_conversation`).
 
+A format with a `bridge_tokenizer` (a bridge that reads the prompt: BLIP-2's VQA fine-tune feeds
+the question to the Q-Former) adds "bridge_ids", "bridge_mask" int32[B, Tq] to training and
+evaluation examples: the sample's question (a "vqa" sample's first question, else the first user
+turn without its image placeholder), tokenised with bos and eos by the bridge's own tokenizer and
+padded right to `bridge_max_len`.
+
 Evaluation examples ("vqa", "captioning"): the prompt ids (image slots expanded) right-aligned in
 int32[T] with their mask, the image, and the references; `blind=True` drops the image from the
 prompt (the blind baseline of INTERFACES.md §3).
@@ -29,6 +35,8 @@ from jaxvlm.data.builder import decode_record
 from jaxvlm.data.tokenizer import Tokenizer
 
 CONVERSATION_KEYS = ("tokens", "mask", "loss_mask", "images", "image_mask")
+BRIDGE_TEXT_KEYS = ("bridge_ids", "bridge_mask")
+IMAGE_POSITIONS = ("random", "first")
 INSTRUCTION_TYPES = ("conversation", "detail", "complex_reasoning", "vqa", "caption")
 
 
@@ -46,6 +54,10 @@ class ConversationFormat:
       vqa_prompt: the short-answer prompt, "{question}" marking the question.
       vqa_turns: a "vqa" sample asks up to this many of the scene's questions, one per turn.
       caption_prompts: prompts for brief captions (one is drawn per example in training).
+      bridge_tokenizer: the bridge's own tokenizer when the bridge reads the prompt, else None.
+      bridge_max_len: Tq, the bridge text's length (longer texts are cut, keeping eos).
+      image_position: where a training sample's image goes in its first user turn: "random"
+        (before or after the text, LLaVA §3) or "first" (a soft visual prompt, BLIP-2 §3.3).
     """
 
     tokenizer: Tokenizer
@@ -59,6 +71,9 @@ class ConversationFormat:
     vqa_prompt: str = "{question}\nAnswer the question using a word or phrase."
     vqa_turns: int = 1
     caption_prompts: tuple[str, ...] = instructions.BRIEF_PROMPTS
+    bridge_tokenizer: Tokenizer | None = None
+    bridge_max_len: int = 32
+    image_position: str = "random"
 
     def __post_init__(self):
         unknown = set(self.mix) - set(INSTRUCTION_TYPES)
@@ -73,10 +88,41 @@ class ConversationFormat:
             raise ValueError(f"vqa_turns={self.vqa_turns} must be ≥ 1")
         if "{question}" not in self.vqa_prompt:
             raise ValueError(f"vqa_prompt {self.vqa_prompt!r} has no {{question}} slot")
+        if self.image_position not in IMAGE_POSITIONS:
+            raise ValueError(
+                f"image_position={self.image_position!r}; allowed: {', '.join(IMAGE_POSITIONS)}"
+            )
+        if self.bridge_tokenizer is not None and self.bridge_max_len < 2:
+            raise ValueError(f"bridge_max_len={self.bridge_max_len} must hold bos and eos (>= 2)")
 
     @property
     def pad_id(self) -> int:
         return 0 if self.tokenizer.pad_id is None else self.tokenizer.pad_id
+
+    def bridge_text(self, text: str) -> dict:
+        """The bridge's view of `text`: {} without a bridge tokenizer, else {"bridge_ids",
+        "bridge_mask" int32[Tq]} (bos, the text, eos; cut to Tq keeping eos)."""
+        if self.bridge_tokenizer is None:
+            return {}
+        tokenizer = self.bridge_tokenizer
+        ids = tokenizer.encode(text.strip(), add_bos=True, add_eos=True)
+        if len(ids) > self.bridge_max_len:
+            ids = [*ids[: self.bridge_max_len - 1], ids[-1]]
+        pad = 0 if tokenizer.pad_id is None else tokenizer.pad_id
+        tokens = np.full(self.bridge_max_len, pad, np.int32)
+        tokens[: len(ids)] = ids
+        mask = np.zeros(self.bridge_max_len, np.int32)
+        mask[: len(ids)] = 1
+        return {"bridge_ids": tokens, "bridge_mask": mask}
+
+
+def first_user_text(messages, placeholder: str = chat.IMAGE_PLACEHOLDER) -> str:
+    """The first user turn's text without its image placeholder (what a prompt-reading bridge
+    reads when the sample names no question)."""
+    for message in messages:
+        if message["role"] == "user":
+            return " ".join(message["content"].replace(placeholder, " ").split())
+    return ""
 
 
 def scene_parser(image_size: int):
@@ -100,24 +146,26 @@ def scene_parser(image_size: int):
     return parse
 
 
-def _user_turn(text: str, rng: np.random.Generator) -> str:
-    # LLaVA §3: the image goes before or after the first question, at random.
+def _user_turn(text: str, rng: np.random.Generator, position: str) -> str:
+    # LLaVA §3: the image goes before or after the first question, at random; BLIP-2: first.
     placeholder = chat.IMAGE_PLACEHOLDER
-    return f"{placeholder}\n{text}" if rng.random() < 0.5 else f"{text}\n{placeholder}"
+    first = position == "first" or rng.random() < 0.5
+    return f"{placeholder}\n{text}" if first else f"{text}\n{placeholder}"
 
 
 class CaptionAsInstruction(grain.transforms.RandomMap):
     """A scene → {"image", "messages"}: one caption answering one brief-description prompt."""
 
-    def __init__(self, prompts: tuple[str, ...]):
+    def __init__(self, prompts: tuple[str, ...], image_position: str = "random"):
         self.prompts = prompts
+        self.image_position = image_position
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
         captions = element["captions"]
         caption = captions[int(rng.integers(len(captions)))]
         prompt = self.prompts[int(rng.integers(len(self.prompts)))]
         messages = [
-            {"role": "user", "content": _user_turn(prompt, rng)},
+            {"role": "user", "content": _user_turn(prompt, rng, self.image_position)},
             {"role": "assistant", "content": caption[0].upper() + caption[1:]},
         ]
         return {"image": element["image"], "messages": messages}
@@ -132,7 +180,8 @@ class PickInstruction(grain.transforms.RandomMap):
         self.probabilities = weights / weights.sum()
         self.vqa_prompt = fmt.vqa_prompt
         self.vqa_turns = fmt.vqa_turns
-        self.caption = CaptionAsInstruction(fmt.caption_prompts)
+        self.image_position = fmt.image_position
+        self.caption = CaptionAsInstruction(fmt.caption_prompts, fmt.image_position)
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
         kind = self.types[int(rng.choice(len(self.types), p=self.probabilities))]
@@ -144,13 +193,15 @@ class PickInstruction(grain.transforms.RandomMap):
             count = min(len(questions), self.vqa_turns)
             picks = rng.choice(len(questions), size=count, replace=False)
             messages = []
+            bridge_text = questions[int(picks[0])]["question"]
             for turn, index in enumerate(picks):
                 prompt = self.vqa_prompt.format(question=questions[int(index)]["question"])
                 answer = questions[int(index)]["multiple_choice_answer"]
-                messages.append(
-                    {"role": "user", "content": _user_turn(prompt, rng) if turn == 0 else prompt}
-                )
+                if turn == 0:
+                    prompt = _user_turn(prompt, rng, self.image_position)
+                messages.append({"role": "user", "content": prompt})
                 messages.append({"role": "assistant", "content": answer})
+            return {"image": element["image"], "messages": messages, "bridge_text": bridge_text}
         else:
             sample = next(s for s in element["instructions"] if s["type"] == kind)
             messages = chat.from_llava_turns(sample["conversations"])
@@ -158,7 +209,8 @@ class PickInstruction(grain.transforms.RandomMap):
 
 
 class EncodeConversation:
-    """(stream index, {"image", "messages"}) → the training example of CONVERSATION_KEYS.
+    """(stream index, {"image", "messages"[, "bridge_text"]}) → the training example of
+    CONVERSATION_KEYS (and BRIDGE_TEXT_KEYS when the format has a bridge tokenizer).
 
     Used with `map_with_index`, so a tokenisation mismatch names the sample's stream index.
     """
@@ -183,12 +235,16 @@ class EncodeConversation:
         loss_mask = np.zeros(fmt.max_len, np.int32)
         kept = min(len(encoded.ids), fmt.max_len)
         loss_mask[:kept] = encoded.loss_mask[:kept]
+        bridge_text = element.get("bridge_text")
+        if bridge_text is None:
+            bridge_text = first_user_text(element["messages"], fmt.template.image_placeholder)
         return {
             "tokens": tokens,
             "mask": mask,
             "loss_mask": loss_mask,
             "images": self.normalize_image(element["image"])[None],
             "image_mask": np.ones((1,), bool),
+            **fmt.bridge_text(bridge_text),
         }
 
 
@@ -231,10 +287,17 @@ def pad_left(ids, max_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def prompt_example(
-    fmt: ConversationFormat, prompt: str, image: np.ndarray, normalize_image, *, blind: bool
+    fmt: ConversationFormat,
+    prompt: str,
+    image: np.ndarray,
+    normalize_image,
+    *,
+    blind: bool,
+    bridge_text: str | None = None,
 ) -> dict:
     """One evaluation prompt: {"tokens", "mask" int32[T] (left-padded), "images"
-    float32[1, S, S, 3], "image_mask" bool[1]} — with `blind`, no image and no image slots."""
+    float32[1, S, S, 3], "image_mask" bool[1]} — with `blind`, no image and no image slots — and,
+    for a format with a bridge tokenizer, the bridge's text (`bridge_text`, default the prompt)."""
     messages = [{"role": "user", "content": prompt}]
     ids = chat.encode_prompt(
         fmt.tokenizer,
@@ -251,4 +314,5 @@ def prompt_example(
         "mask": mask,
         "images": np.zeros_like(images) if blind else images,
         "image_mask": np.full((1,), not blind),
+        **fmt.bridge_text(prompt if bridge_text is None else bridge_text),
     }

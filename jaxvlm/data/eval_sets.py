@@ -168,8 +168,15 @@ def vqa_prompts(
     def make(pair):
         scene, number = pair
         record = scenes[scene]
-        text = prompt.format(question=record["questions"][number]["question"])
-        return conversations.prompt_example(fmt, text, record["image"], preprocessing, blind=blind)
+        question = record["questions"][number]["question"]
+        return conversations.prompt_example(
+            fmt,
+            prompt.format(question=question),
+            record["image"],
+            preprocessing,
+            blind=blind,
+            bridge_text=question,
+        )
 
     references = [scenes[scene]["questions"][number]["answers"] for scene, number in pairs]
     return PromptSet(grain.MapDataset.source(pairs).map(make), references)

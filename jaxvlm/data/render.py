@@ -119,6 +119,41 @@ def coverage_masks(image_size: int) -> np.ndarray:
     return masks
 
 
+@functools.cache
+def _coverage_extents(image_size: int) -> np.ndarray:
+    """int64[shapes, sizes, SUBPIXEL, SUBPIXEL, 4]: (col0, row0, col1, row1) of each coverage
+    mask's pixels with coverage > 0, in patch pixels, end exclusive."""
+    covered = coverage_masks(image_size) > 0
+    columns, rows = covered.any(axis=-2), covered.any(axis=-1)  # (..., P) each
+    size = covered.shape[-1]
+    return np.stack(
+        [
+            columns.argmax(axis=-1),
+            rows.argmax(axis=-1),
+            size - columns[..., ::-1].argmax(axis=-1),
+            size - rows[..., ::-1].argmax(axis=-1),
+        ],
+        axis=-1,
+    )
+
+
+def pixel_box(shape: str, size: str, centre, image_size: int) -> list[int]:
+    """[x0, y0, x1, y1), end exclusive: the pixels `render_scenes` may paint for this object.
+
+    Read off the coverage mask it blends (coverage > 0, a superset of the pixels whose value
+    changes), so it is exact at the renderer's resolution, unlike the geometric `bounding_box`.
+    """
+    # As `_render_chunk` places it: centre in 1/SUBPIXEL steps, split into pixel and fraction.
+    steps = np.round(np.asarray(centre, np.float64) * SUBPIXEL).astype(np.int64)
+    (floor_x, floor_y), (fraction_x, fraction_y) = np.divmod(steps, SUBPIXEL)
+    shape_index, size_index = vocabulary.SHAPES.index(shape), vocabulary.SIZES.index(size)
+    extent = _coverage_extents(image_size)[shape_index, size_index, fraction_y, fraction_x]
+    half = patch_size(image_size) // 2
+    box = [floor_x - half + extent[0], floor_y - half + extent[1]]
+    box += [floor_x - half + extent[2], floor_y - half + extent[3]]
+    return [int(np.clip(value, 0, image_size)) for value in box]
+
+
 def _object_arrays(scenes: list[dict], max_objects: int) -> dict[str, np.ndarray]:
     """Flattens (background, objects) lists into padded index arrays of shape (N, K)."""
     num = len(scenes)

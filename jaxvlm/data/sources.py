@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from jaxvlm.data import render
 from jaxvlm.data.builder import decode_record
 
 Parser = Callable[[dict], dict]
@@ -33,16 +34,33 @@ def _check_texts(texts, field: str) -> list[str]:
     return texts
 
 
-def caption_parser(image_size: int) -> Parser:
-    """Parses a scene record into {"image": uint8[S, S, 3], "captions": [str], "caption": str}."""
+def object_boxes(scene, image_size: int) -> np.ndarray:
+    """int32[N, 4]: per object of a scene graph, [x0, y0, x1, y1) (end exclusive), the pixels
+    the renderer may paint for it (`render.pixel_box`, from its shape, size and centre)."""
+    if not isinstance(scene, dict) or not isinstance(scene.get("objects"), list):
+        raise ValueError("record field 'scene' is not a scene graph with an 'objects' list")
+    boxes = [
+        render.pixel_box(item["shape"], item["size"], item["centre"], image_size)
+        for item in scene["objects"]
+    ]
+    return np.asarray(boxes, np.int32).reshape(-1, 4)
+
+
+def caption_parser(image_size: int, *, with_boxes: bool = False) -> Parser:
+    """Parses a scene record into {"image": uint8[S, S, 3], "captions": [str], "caption": str},
+    plus "boxes" (`object_boxes`) when `with_boxes`, for augmentations that must not cut an
+    object."""
 
     def parse(record: dict) -> dict:
         decoded = decode_record(record)
-        return {
+        parsed = {
             "image": _check_image(decoded["image"], image_size),
             "captions": _check_texts(decoded["captions"], "captions"),
             "caption": _check_texts([decoded["caption"]], "caption")[0],
         }
+        if with_boxes:
+            parsed["boxes"] = object_boxes(decoded.get("scene"), image_size)
+        return parsed
 
     return parse
 

@@ -148,7 +148,11 @@ class Tokenizer:
         """Loads a `tokenizer.json`; `token_names` (bos_token=..., ...) override the defaults."""
         if not os.path.exists(path):
             raise ValueError(f"tokenizer file {path} does not exist")
-        return cls(tokenizers.Tokenizer.from_file(path), **token_names)
+        tokenizer = tokenizers.Tokenizer.from_file(path)
+        # The pipelines pad and truncate; a saved setting (sentence-transformers: pad to 128) goes.
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        return cls(tokenizer, **token_names)
 
     @classmethod
     def from_directory(cls, directory: str) -> Tokenizer:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 import grain
 import numpy as np
+from PIL import Image
 
 from jaxvlm.data.preprocessing import ImagePreprocessing
 from jaxvlm.data.tokenizer import Tokenizer
@@ -29,6 +33,160 @@ class PickCaption(grain.transforms.RandomMap):
         captions = element.pop("captions")
         element["text"] = captions[int(rng.integers(len(captions)))]
         return element
+
+
+class RandomResizedCropKeepingObjects(grain.transforms.RandomMap):
+    """A random resized crop (BLIP-2 stage 1) that never cuts an object of the scene.
+
+    The crop is drawn as torchvision's RandomResizedCrop draws it: area fraction uniform in
+    [min_scale, 1], aspect ratio log-uniform in [3/4, 4/3], up to `max_tries` tries. A try is
+    kept when its (rounded) window still covers min_scale of the image and some position of it
+    holds every object box (example["boxes"], see `sources.object_boxes`); the position is
+    uniform among those. After `max_tries` rejected tries the whole image is kept (torchvision
+    falls back to a center crop of the clamped ratio, which for a square image is the whole
+    image too). The window is resized back to image_size x image_size (bilinear, as
+    torchvision). Consumes "boxes": they no longer describe the resampled image.
+
+    Attributes:
+      num_crops, num_fallbacks: examples seen and kept whole by this instance (per process;
+        under grain workers each worker counts its own).
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        min_scale: float = 0.9,
+        *,
+        max_tries: int = 10,
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        key: str = "image",
+        boxes_key: str = "boxes",
+    ):
+        if not 0 < min_scale <= 1:
+            raise ValueError(f"min_scale={min_scale} must be in (0, 1]")
+        self.image_size = image_size
+        self.min_scale = min_scale
+        self.max_tries = max_tries
+        self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+        self.key = key
+        self.boxes_key = boxes_key
+        self.num_crops = 0
+        self.num_fallbacks = 0
+
+    def crop_window(
+        self, height: int, width: int, boxes: np.ndarray, rng: np.random.Generator
+    ) -> tuple[int, int, int, int] | None:
+        """(top, left, crop_height, crop_width) holding every box, or None after max_tries."""
+        boxes = np.asarray(boxes).reshape(-1, 4)
+        # A window holds every box iff it holds their union; no boxes: any window does.
+        x0, y0 = boxes[:, :2].min(axis=0) if len(boxes) else (width, height)
+        x1, y1 = boxes[:, 2:].max(axis=0) if len(boxes) else (0, 0)
+        for _ in range(self.max_tries):
+            area = height * width * rng.uniform(self.min_scale, 1.0)
+            ratio = math.exp(rng.uniform(*self.log_ratio))
+            crop_width = round(math.sqrt(area * ratio))
+            crop_height = round(math.sqrt(area / ratio))
+            if not (0 < crop_width <= width and 0 < crop_height <= height):
+                continue
+            if crop_width * crop_height < self.min_scale * height * width:
+                continue
+            top_range = (max(0, y1 - crop_height), min(height - crop_height, y0))
+            left_range = (max(0, x1 - crop_width), min(width - crop_width, x0))
+            if top_range[0] > top_range[1] or left_range[0] > left_range[1]:
+                continue
+            top = int(rng.integers(top_range[0], top_range[1] + 1))
+            left = int(rng.integers(left_range[0], left_range[1] + 1))
+            return top, left, crop_height, crop_width
+        return None
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        image = element[self.key]
+        window = self.crop_window(image.shape[0], image.shape[1], element[self.boxes_key], rng)
+        self.num_crops += 1
+        if window is None:
+            self.num_fallbacks += 1
+            window = (0, 0, image.shape[0], image.shape[1])
+        top, left, crop_height, crop_width = window
+        crop = image[top : top + crop_height, left : left + crop_width]
+        if crop.shape[:2] != (self.image_size, self.image_size):
+            crop = resize_bilinear(crop, self.image_size)
+        # A new dict: the boxes leave it, and the source's own element stays as it was.
+        cropped = {key: value for key, value in element.items() if key != self.boxes_key}
+        cropped[self.key] = crop
+        return cropped
+
+
+def resize_bilinear(image: np.ndarray, size: int) -> np.ndarray:
+    """[H, W, C] uint8 or float -> [size, size, C] of the same dtype, bilinear (PIL)."""
+    if image.dtype == np.uint8 and image.shape[-1] == 3:
+        resized = Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(resized)
+    channels = [
+        np.asarray(
+            Image.fromarray(np.ascontiguousarray(image[..., c], np.float32)).resize(
+                (size, size), Image.Resampling.BILINEAR
+            )
+        )
+        for c in range(image.shape[-1])
+    ]
+    return np.stack(channels, axis=-1).astype(image.dtype)
+
+
+# Every left/right-dependent word the world's texts use (`grammar.grammar_words()`).
+MIRRORED_WORDS: dict[str, str] = {"left": "right", "right": "left"}
+_MIRRORED_PATTERN = re.compile(r"\b(" + "|".join(MIRRORED_WORDS) + r")\b", re.IGNORECASE)
+
+
+def _mirror_word(match: re.Match) -> str:
+    word = match.group(0)
+    mirrored = MIRRORED_WORDS[word.lower()]
+    if word.isupper():
+        return mirrored.upper()
+    return mirrored.capitalize() if word[0].isupper() else mirrored
+
+
+def swap_left_right(text: str) -> str:
+    """ "Left of the right star" -> "Right of the left star": whole words, case kept."""
+    return _MIRRORED_PATTERN.sub(_mirror_word, text)
+
+
+def _mirror_texts(value):
+    if isinstance(value, str):
+        return swap_left_right(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_mirror_texts(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _mirror_texts(item) for key, item in value.items()}
+    return value
+
+
+class FlipSwappingLeftRight(grain.transforms.RandomMap):
+    """With probability p, mirrors example[key] left-right and swaps "left" / "right" in every
+    text of the example (str values, also inside lists and dicts: captions, questions, answers),
+    so that position and relation texts stay true. Mirrors "boxes" too when present."""
+
+    def __init__(self, p: float = 0.5, *, key: str = "image", boxes_key: str = "boxes"):
+        if not 0 <= p <= 1:
+            raise ValueError(f"flip probability p={p} must be in [0, 1]")
+        self.p = p
+        self.key = key
+        self.boxes_key = boxes_key
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        if rng.random() >= self.p:
+            return element
+        flipped = {}
+        for name, value in element.items():
+            if name == self.key:
+                flipped[name] = np.ascontiguousarray(value[:, ::-1])
+            elif name == self.boxes_key:
+                width = element[self.key].shape[1]
+                boxes = np.array(value)
+                boxes[:, [0, 2]] = width - boxes[:, [2, 0]]
+                flipped[name] = boxes
+            else:
+                flipped[name] = _mirror_texts(value)
+        return flipped
 
 
 class TokenizeText(grain.transforms.Map):

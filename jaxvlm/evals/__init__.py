@@ -38,7 +38,20 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 COMMON_FIELDS = ("type", "split", "every_steps", "batch_size")
-GENERATIVE_FIELDS = (*COMMON_FIELDS, "num_examples", "prompt", "max_new_tokens")
+GENERATIVE_FIELDS = (
+    *COMMON_FIELDS,
+    "num_examples",
+    "prompt",
+    "max_new_tokens",
+    "num_beams",  # 1: greedy; K > 1: beam search (BLIP-2's zero-shot VQA: 5)
+    "length_penalty",  # beam search's α (BLIP-2: -1, favouring short answers)
+)
+
+RETRIEVAL_FIELDS = (
+    *COMMON_FIELDS,
+    "rerank",  # "none" (ITC / CLIP similarity), "itm" (BLIP-2 §4.4) or "itm_itc" (LAVIS)
+    "rerank_k",  # candidates re-scored per image and per text (BLIP-2: 128)
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +75,9 @@ def _retrieval(fns, context, fields, batch_size, blind):
         context.preprocessing,
         max_text_len=context.config.data.max_text_len,
     )
-    return RetrievalEvaluator(fns, data=examples, batch_size=batch_size)
+    return RetrievalEvaluator(
+        fns, data=examples, batch_size=batch_size, rerank=fields.rerank, rerank_k=fields.rerank_k
+    )
 
 
 def _perplexity(fns, context, fields, batch_size, blind):
@@ -79,6 +94,7 @@ def _perplexity(fns, context, fields, batch_size, blind):
 
 def _generative(load_prompts: str, score: Callable, fns, context, fields, batch_size, blind):
     from jaxvlm import data, vlm
+    from jaxvlm.decoding import Decoding
 
     fmt = vlm.conversation_format(context.config, context.tokenizer)
     prompts = getattr(data, load_prompts)(
@@ -98,11 +114,12 @@ def _generative(load_prompts: str, score: Callable, fns, context, fields, batch_
         stop=fmt.template.stop,
         max_new_tokens=fields.max_new_tokens,
         score=score,
+        decoding=Decoding(num_beams=fields.num_beams, length_penalty=fields.length_penalty),
     )
 
 
 EVALUATORS: dict[str, EvaluatorSpec] = {
-    "retrieval": EvaluatorSpec(_retrieval),
+    "retrieval": EvaluatorSpec(_retrieval, RETRIEVAL_FIELDS),
     "perplexity": EvaluatorSpec(_perplexity),
     "vqa": EvaluatorSpec(
         functools.partial(_generative, "vqa_prompts", score_vqa), GENERATIVE_FIELDS, True

@@ -1,4 +1,4 @@
-"""Generative evaluators: VQA accuracy and captioning CIDEr-D on greedy generations.
+"""Generative evaluators: VQA accuracy and captioning CIDEr-D on greedy or beam generations.
 
 Each runs the `generate` predict fn over every prompt of a `PromptSet` exactly once (the last
 batch padded and masked), turns each generation into text with `data.chat.decode_answer` (cut at
@@ -27,13 +27,25 @@ class GenerativeEvaluator:
       stop: the template's stop string (generation ends on its ids, or on EOS).
       max_new_tokens: generation budget per prompt.
       score: (predictions, references) -> {metric: value}.
+      decoding: a `jaxvlm.decoding.Decoding` (default greedy; BLIP-2: beam 5, α = -1).
     """
 
     def __init__(
-        self, predict_fns, *, data, batch_size: int, tokenizer, stop: str, max_new_tokens, score
+        self,
+        predict_fns,
+        *,
+        data,
+        batch_size: int,
+        tokenizer,
+        stop: str,
+        max_new_tokens,
+        score,
+        decoding=None,
     ):
         from jaxvlm.data import chat
+        from jaxvlm.decoding import Decoding
 
+        self.decoding = decoding or Decoding()
         self.score = score
         self.generate = predict_fns["generate"]
         self.data, self.batch_size = data, batch_size
@@ -58,6 +70,7 @@ class GenerativeEvaluator:
                 eos_id=self.tokenizer.eos_id,
                 pad_id=pad_id,
                 stop_ids=self.stop_ids,
+                decoding=self.decoding,
             )
             texts += [
                 chat.decode_answer(self.tokenizer, row, self.stop)

@@ -13,6 +13,10 @@ A component whose `checkpoint` is a Hugging Face directory (config.json + safete
    listing them. Parameters the model adds beyond the checkpoint (`num_added_embeddings` rows, e.g.
    LLaVA's `<image>`) are initialised fresh.
 
+A component initialised from another model's checkpoint (`PARTIAL_IMPORTERS`: the Q-Former from
+BERT) keeps its configured sizes — step 1 only checks them against config.json, naming each field
+that differs — and step 2 fills what the checkpoint holds, the rest initialised fresh.
+
 Parity of each family with the transformers PyTorch model is proven in `tests/importers/`.
 """
 
@@ -23,14 +27,22 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 
-from jaxvlm.importers import clip, llama, llava, opt, t5
-from jaxvlm.importers.base import CheckpointImportError, HFCheckpoint, check_filled, read_config
+from jaxvlm.importers import bert_qformer, blip2, clip, llama, llava, opt, t5
+from jaxvlm.importers.base import (
+    CheckpointImportError,
+    HFCheckpoint,
+    LeadingRows,
+    check_filled,
+    read_config,
+)
 from jaxvlm.importers.gguf import GGUFCheckpoint
 
 __all__ = [
     "IMPORTERS",
+    "PARTIAL_IMPORTERS",
     "CheckpointImportError",
     "HFCheckpoint",
+    "LeadingRows",
     "architecture",
     "load_component",
     "open_checkpoint",
@@ -49,9 +61,18 @@ IMPORTERS: dict[str, dict[str, ModuleType]] = {
         **{model_type: t5 for model_type in t5.MODEL_TYPES},
     },
 }
+# Components initialised from another model's checkpoint (sizes checked, not taken; what the
+# checkpoint lacks stays fresh). component → model_type → module with `check_architecture` and
+# `load_component`.
+PARTIAL_IMPORTERS: dict[str, dict[str, ModuleType]] = {
+    "bridge": {model_type: bert_qformer for model_type in bert_qformer.MODEL_TYPES},
+}
 # Finished VLMs: one directory fills several components (`vlm_config` gives each one's fields,
 # `load_params` all their tensors at once). model_type → importer.
-VLM_IMPORTERS: dict[str, ModuleType] = {model_type: llava for model_type in llava.MODEL_TYPES}
+VLM_IMPORTERS: dict[str, ModuleType] = {
+    **{model_type: llava for model_type in llava.MODEL_TYPES},
+    **{model_type: blip2 for model_type in blip2.MODEL_TYPES},
+}
 # Parameters a model may add beyond any checkpoint (initialised fresh, never imported).
 FRESH_PARAMETERS = ("added_embedding", "added_kernel")
 
@@ -117,6 +138,12 @@ def resolve_architectures(config) -> None:
             continue  # reported, naming the component, when the sources are checked
         if kind not in ("hf", "gguf"):
             continue
+        if kind == "hf":
+            hf = read_config(source)
+            partial = PARTIAL_IMPORTERS.get(component, {}).get(hf.get("model_type"))
+            if partial is not None:
+                partial.check_architecture(hf, config[component], source, component)
+                continue
         fields = architecture(component, source)
         with config.unlocked():
             for key, value in fields.items():
@@ -143,6 +170,9 @@ def load_component(
     from jaxvlm.param_paths import flatten_params
 
     checkpoint = open_checkpoint(directory)
+    partial = PARTIAL_IMPORTERS.get(component, {}).get(checkpoint.model_type)
+    if partial is not None:
+        return partial.load_component(checkpoint, component_config, expected, component)
     importer = _importer(component, checkpoint.model_type, directory)
     arch = importer.architecture(checkpoint.hf_config)
     absent = sorted(k for k in arch if k not in component_config)

@@ -12,6 +12,7 @@ wrong table can never load silently.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from collections.abc import Iterable, Mapping
@@ -23,6 +24,7 @@ import numpy as np
 __all__ = [
     "CheckpointImportError",
     "HFCheckpoint",
+    "LeadingRows",
     "check_filled",
     "linear_kernel",
     "read_config",
@@ -50,6 +52,15 @@ CONVERT_HINT = (
 
 class CheckpointImportError(ValueError):
     """A checkpoint that cannot be imported (the message names the file, key or field)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LeadingRows:
+    """A parameter of `shape` whose first `rows.shape[0]` rows come from a checkpoint; the others
+    are initialised fresh (a vocabulary grown by added tokens: the Q-Former's `[DEC]`)."""
+
+    rows: np.ndarray
+    shape: tuple[int, ...]
 
 
 def _read_header(path: Path) -> tuple[dict, int]:

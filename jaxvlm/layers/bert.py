@@ -13,7 +13,8 @@ Deviations: no dropout (frozen or imported weights here).
 It lives in `layers/` because its consumer is a bridge (the Q-Former, which may import only
 `layers/`): `BertAttention` (self- or cross-attention with its residual and post-norm) and
 `BertFeedForward` are the Q-Former's blocks too (its cross-attention and its query FFN), and
-`BertModel.embed` / `encode` / `apply_layer` run the text path with any mask (BLIP-2's unimodal,
+`QFormerLayer` is one Q-Former layer built from them (shared self-attention, query-only
+cross-attention and FFN); `BertModel.embed` / `encode` / `apply_layer` run the text path with any mask (BLIP-2's unimodal,
 causal or bidirectional masks from `masks.qformer_masks`).
 
 Parameter layout: `embeddings/{word_embeddings,position_embeddings}/embedding`,
@@ -44,6 +45,7 @@ __all__ = [
     "BertLayer",
     "BertModel",
     "BertModelOutput",
+    "QFormerLayer",
 ]
 
 EMBED_ACTIVATION = ("batch", "length", "embed")
@@ -138,6 +140,43 @@ class BertLayer(nn.Module):
             self.num_heads, implementation=self.implementation, name="self_attn", **kw
         )(x, mask=mask)
         x = BertFeedForward(self.mlp_dim, self.hidden_act, name="feed_forward", **kw)(x)
+        return nn.with_logical_constraint(x, EMBED_ACTIVATION)
+
+
+class QFormerLayer(nn.Module):
+    """One Q-Former layer over `[queries; text]` (HF `Blip2QFormerLayer`).
+
+    Args of `__call__`: x float[B, Q + T, D] (the Q = `num_queries` queries first, Q may be 0);
+    image float[B, P, Dv] or None; mask bool[B, 1, Q + T, Q + T] or None (all visible).
+    Returns float[B, Q + T, D].
+    """
+
+    num_heads: int
+    mlp_dim: int
+    has_cross_attention: bool
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-12
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, image=None, mask=None, *, num_queries: int):
+        kw = dict(
+            layer_norm_eps=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype
+        )
+        x = nn.with_logical_constraint(x, EMBED_ACTIVATION)
+        x = BertAttention(self.num_heads, name="self_attn", **kw)(x, mask=mask)
+        queries, text = x[:, :num_queries], x[:, num_queries:]
+        parts = []
+        if queries.shape[1]:
+            if self.has_cross_attention and image is not None:
+                queries = BertAttention(self.num_heads, name="cross_attn", **kw)(queries, image)
+            ffn = BertFeedForward(self.mlp_dim, self.hidden_act, name="feed_forward_query", **kw)
+            parts.append(ffn(queries))
+        if text.shape[1]:
+            ffn = BertFeedForward(self.mlp_dim, self.hidden_act, name="feed_forward", **kw)
+            parts.append(ffn(text))
+        x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
         return nn.with_logical_constraint(x, EMBED_ACTIVATION)
 
 

@@ -14,7 +14,8 @@ BATCH, IMAGES, PATCHES, TEXT_LENGTH = 2, 2, 5, 3
 
 
 def _build(name: str):
-    cfg = {"name": name, "dtype": "bfloat16", "param_dtype": "float32"}
+    tiny = getattr(BRIDGES[name], "TINY_FIELDS", {})  # optional: a small instance's fields
+    cfg = {"name": name, "dtype": "bfloat16", "param_dtype": "float32", **tiny}
     return build_bridge(cfg, vision_dim=VISION_DIM, llm_dim=LLM_DIM)
 
 
@@ -33,8 +34,9 @@ def _inputs(frames: int):
 def _run(bridge, frames: int):
     features, image_mask, text = _inputs(frames)
     kwargs = dict(image_mask=image_mask, text=text, train=False)
-    variables = bridge.init(jax.random.key(1), features, **kwargs)
-    return variables, bridge.apply(variables, features, **kwargs)
+    # Jitted: op-by-op dispatch of a several-pass init costs more than its compile.
+    variables = jax.jit(lambda rng, x: bridge.init(rng, x, **kwargs))(jax.random.key(1), features)
+    return variables, jax.jit(lambda v, x: bridge.apply(v, x, **kwargs))(variables, features)
 
 
 @pytest.mark.parametrize("frames", [1, 2])
@@ -92,7 +94,8 @@ def test_pretrain_loss_is_finite(name):
     features, image_mask, text = _inputs(frames=1)
     variables, _ = _run(bridge, frames=1)
     batch = {"image_features": features, "image_mask": image_mask, "text": text}
-    loss, metrics = bridge.pretrain_loss(
-        bridge, variables["params"], batch, {"dropout": jax.random.key(2)}
+    rngs = {"dropout": jax.random.key(2), "sampling": jax.random.key(3)}
+    loss, metrics = jax.jit(lambda p, b: bridge.pretrain_loss(bridge, p, b, rngs))(
+        variables["params"], batch
     )
     assert np.isfinite(float(loss)), metrics

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxvlm import data, vlm
-from jaxvlm.data import chat, conversations, instructions, pipeline
+from jaxvlm.data import chat, conversations, eval_sets, instructions, pipeline
 
 BATCH = 8
 VICUNA = (
@@ -268,6 +268,7 @@ def test_tokenization_mismatch_names_the_stream_index(setup):
         ({"mix": {"dialogue": 1.0}}, r"unknown types \['dialogue'\]"),
         ({"mix": {"vqa": 0.0}}, "has no positive weight"),
         ({"vqa_prompt": "Answer briefly."}, "has no {question} slot"),
+        ({"image_position": "last"}, "image_position='last'; allowed: random, first"),
     ],
 )
 def test_bad_conversation_formats(setup, fields, error):
@@ -316,3 +317,62 @@ def test_vqa_turns_ask_several_questions_about_one_image(setup, tiny_config):
         assert sorted(_answer_ids(batch, row)) == sorted(
             sum(answers, [])
         )  # every answer, only them
+
+
+def test_blip2_vqa_rows_feed_the_question_to_the_bridge(setup, tiny_config):
+    """`configs/blip2.py:stage=vqa`: the image's query slots first, "Question: q Answer:" and the
+    answer for the LLM, and the question alone (bos q eos) for the Q-Former, in training and in
+    the evaluation prompts."""
+    world, tokenizer, preprocessing, scenes = setup
+    config = tiny_config("blip2", stage="vqa")
+    assert config.bridge.read_prompt and config.data.image_position == "first"
+    batches = _take(_iterator(setup, config), 2)
+    image = config.data.image_token_id
+    length = config.data.bridge_max_text_len
+    for batch in batches:
+        assert sorted(batch) == sorted(
+            conversations.CONVERSATION_KEYS + conversations.BRIDGE_TEXT_KEYS
+        )
+        assert batch["bridge_ids"].shape == batch["bridge_mask"].shape == (BATCH, length)
+        for row in range(BATCH):
+            scene = scenes[_image_key(batch["images"][row, 0])]
+            tokens = batch["tokens"][row].tolist()
+            assert tokens[1] == image and tokens[0] == tokenizer.bos_id  # the soft prompt first
+            bridge = batch["bridge_ids"][row][batch["bridge_mask"][row] == 1].tolist()
+            questions = [
+                tokenizer.encode(q["question"], add_bos=True, add_eos=True)
+                for q in scene["questions"]
+            ]
+            assert bridge in questions
+            asked = tokenizer.encode(f"Question: {tokenizer.decode(bridge)} Answer:")
+            assert _contains(tokens, asked)
+    fmt = vlm.conversation_format(config, tokenizer)
+    prompts = data.vqa_prompts(
+        world, "test", fmt, preprocessing, prompt=config.evals.vqa.prompt, num_examples=3
+    )
+    scenes_test = eval_sets.eval_scenes(world, "test")
+    for example, (scene, number) in zip(
+        prompts.prompts, eval_sets.vqa_question_pairs(scenes_test, 3), strict=True
+    ):
+        question = scenes_test[scene]["questions"][number]["question"]
+        bridge = example["bridge_ids"][example["bridge_mask"] == 1].tolist()
+        assert bridge == tokenizer.encode(question, add_bos=True, add_eos=True)
+
+
+def test_bridge_text_is_cut_to_its_length_keeping_eos(setup):
+    _, tokenizer, _, _ = setup
+    fmt = conversations.ConversationFormat(
+        tokenizer, chat.ChatTemplate(VICUNA), 4, 3, 96, bridge_tokenizer=tokenizer, bridge_max_len=4
+    )
+    text = fmt.bridge_text("what color is the big circle")
+    ids = tokenizer.encode("what color is the big circle", add_bos=True, add_eos=True)
+    assert text["bridge_ids"].tolist() == [*ids[:3], tokenizer.eos_id]
+    assert text["bridge_mask"].tolist() == [1, 1, 1, 1]
+    short = fmt.bridge_text("red")
+    assert short["bridge_mask"].tolist() == [1, 1, 1, 0]
+    assert (
+        conversations.ConversationFormat(
+            tokenizer, chat.ChatTemplate(VICUNA), 4, 3, 96
+        ).bridge_text("red")
+        == {}
+    )

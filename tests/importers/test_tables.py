@@ -18,7 +18,9 @@ ENTRIES = [
 
 def _write_config(directory, model_type):
     config = transformers.AutoConfig.for_model(model_type).to_dict()
-    if "text_config" in config:  # LLaVA's defaults put <image> (32000) past Llama's 32000 rows;
+    if model_type == "blip-2":  # no default <image> id: blip2-opt-2.7b's
+        config["image_token_index"] = 50265
+    elif "text_config" in config:  # LLaVA's defaults put <image> (32000) past Llama's 32000 rows;
         config["text_config"]["vocab_size"] = 32064  # llava-1.5-hf's padded vocabulary
     (directory / "config.json").write_text(json.dumps(config))
 
