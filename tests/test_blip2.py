@@ -105,20 +105,19 @@ def test_stage2_starts_from_stage1_and_keeps_the_llm_frozen(blip2_quickstart, tm
 def test_vqa_finetune_trains_qformer_and_vit_with_the_llm_frozen(
     blip2_quickstart, tmp_path, cache_dir
 ):
-    """`stage=vqa` (BLIP-2 §4.3): the question reaches the Q-Former, the ViT and the Q-Former's
-    query path train, the LLM and the stage-1 heads do not."""
+    """`stage=vqa` (BLIP-2 §4.3): the question reaches the Q-Former, whose query path trains; the
+    LLM, the stage-1 heads and (below size=paper) the ViT do not."""
     workdir, _ = blip2_quickstart
     config, after = _run(workdir / "blip2_vqa_ft", cache_dir)
     assert config.bridge.read_prompt
     before = _initial_params(config, tmp_path / "fresh", cache_dir)
     chex.assert_trees_all_equal(after["llm"], before["llm"])
+    chex.assert_trees_all_equal(after["encoder"], before["encoder"])
     chex.assert_trees_all_equal(after["bridge"]["itm_head"], before["bridge"]["itm_head"])
-    assert _changed(after["encoder"], before["encoder"])  # the gradient reaches the ViT
     # The question's word embeddings move: the Q-Former reads it.
     assert _changed(after["bridge"]["word_embeddings"], before["bridge"]["word_embeddings"])
     saved = checkpoint.read_params(workdir / "blip2_vqa_ft")
-    assert any(key.startswith("encoder/") for key in saved)
-    assert not any(key.startswith(("llm/", "bridge/itm_head")) for key in saved)
+    assert not any(key.startswith(("llm/", "encoder/", "bridge/itm_head")) for key in saved)
 
 
 @pytest.mark.slow

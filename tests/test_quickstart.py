@@ -53,7 +53,8 @@ def test_quickstart_rerun_skips_finished_phases(quickstart_workdir, cache_dir):
     after = json.loads((quickstart_workdir / "metrics.json").read_text())
     assert after["results"] == before["results"]
     for phase in ("backbone_lm", "llava_stage1", "llava_stage2"):
-        assert after["timings_s"][phase] < before["timings_s"][phase]  # reused, not retrained
+        # Reused, not retrained (a backbone another test already cached took ~0 s both times).
+        assert after["timings_s"][phase] < max(before["timings_s"][phase], 1.0), phase
 
 
 def test_unknown_bridge_is_a_clear_error(capsys):

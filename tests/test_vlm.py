@@ -119,6 +119,23 @@ def test_frozen_encoder_gets_no_gradient_and_bridge_does():
     assert _norm(_grads(freeze_encoder=False)["encoder"]) > 0.0
 
 
+@pytest.mark.parametrize(
+    "trainable, frozen",
+    [
+        (("bridge/.*",), True),
+        ((r"bridge/(?!(itm_head|temperature)).*",), True),
+        (("bridge/.*", "encoder/.*"), False),  # BLIP-2's fine-tunes at size=paper
+        ((".*",), False),
+        (("bridge/.*", "encoder/layers_0/.*"), False),  # any one encoder parameter
+    ],
+)
+def test_the_encoder_is_frozen_unless_config_trainable_names_it(tiny_config, trainable, frozen):
+    from jaxvlm import vlm
+
+    config = tiny_config("blip2", {"trainable": trainable}, stage=2)
+    assert vlm.build_vlm(config).freeze_encoder is frozen
+
+
 def test_call_gives_logits():
     tokens = _tokens([[2, "I", 3], ["I", 4, 5]])
     images, mask = _images(2, 1), jnp.ones((2, 1), bool)
