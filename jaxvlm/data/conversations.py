@@ -33,6 +33,7 @@ import numpy as np
 from jaxvlm.data import chat, instructions
 from jaxvlm.data.builder import decode_record
 from jaxvlm.data.tokenizer import Tokenizer
+from jaxvlm.data.transforms import PadTokens
 
 CONVERSATION_KEYS = ("tokens", "mask", "loss_mask", "images", "image_mask")
 BRIDGE_TEXT_KEYS = ("bridge_ids", "bridge_mask")
@@ -108,12 +109,13 @@ class ConversationFormat:
         ids = tokenizer.encode(text.strip(), add_bos=True, add_eos=True)
         if len(ids) > self.bridge_max_len:
             ids = [*ids[: self.bridge_max_len - 1], ids[-1]]
-        pad = 0 if tokenizer.pad_id is None else tokenizer.pad_id
-        tokens = np.full(self.bridge_max_len, pad, np.int32)
-        tokens[: len(ids)] = ids
-        mask = np.zeros(self.bridge_max_len, np.int32)
-        mask[: len(ids)] = 1
-        return {"bridge_ids": tokens, "bridge_mask": mask}
+        pad = PadTokens(
+            self.bridge_max_len,
+            0 if tokenizer.pad_id is None else tokenizer.pad_id,
+            tokens_key="bridge_ids",
+            mask_key="bridge_mask",
+        )
+        return pad.map({"ids": ids})
 
 
 def first_user_text(messages, placeholder: str = chat.IMAGE_PLACEHOLDER) -> str:
