@@ -199,3 +199,61 @@ def opt(preset: str) -> dict:
     if preset not in OPT_PRESETS:
         raise ValueError(f"unknown OPT preset {preset!r}; known: {', '.join(sorted(OPT_PRESETS))}")
     return {**OPT_DEFAULTS, **OPT_PRESETS[preset]}
+
+
+# T5 / FlanT5 encoder-decoders (HF T5Config: dim = d_model, depth = num_layers, decoder_depth =
+# num_decoder_layers, head_dim = d_kv, mlp_dim = d_ff). The world's is FlanT5-shaped (gated GeLU,
+# untied head, no output scaling) and pretrained on the world's text with the prefix-LM split
+# (`backbones_pretrain.py:model=t5`), for BLIP-2's encoder-decoder stage 2 only.
+T5_PRESETS = {
+    "world_tiny": dict(
+        vocab_size=WORLD_VOCAB_SIZE,
+        dim=32,
+        depth=1,
+        decoder_depth=1,
+        num_heads=2,
+        head_dim=16,
+        mlp_dim=64,
+    ),
+    "world_default": dict(
+        vocab_size=WORLD_VOCAB_SIZE,
+        dim=128,
+        depth=2,
+        decoder_depth=2,
+        num_heads=4,
+        head_dim=32,
+        mlp_dim=384,
+    ),
+    # BLIP-2's FlanT5-XL (google/flan-t5-xl config.json).
+    "flan_t5_xl": dict(
+        vocab_size=32128,
+        dim=2048,
+        depth=24,
+        decoder_depth=24,
+        num_heads=32,
+        head_dim=64,
+        mlp_dim=5120,
+    ),
+}
+
+T5_DEFAULTS = dict(
+    hidden_act="gelu_tanh",
+    gated_mlp=True,
+    tie_embeddings=False,
+    scale_decoder_outputs=False,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    rms_norm_eps=1e-6,
+    num_added_embeddings=0,
+    scan_layers=True,
+    remat="none",
+    dtype="float32",
+    param_dtype="float32",
+)
+
+
+def t5(preset: str) -> dict:
+    if preset not in T5_PRESETS:
+        raise ValueError(f"unknown T5 preset {preset!r}; known: {', '.join(sorted(T5_PRESETS))}")
+    cpu = UNSCANNED_ON_CPU if preset.startswith("world_") else {}
+    return {**T5_DEFAULTS, **T5_PRESETS[preset], **cpu}

@@ -5,6 +5,8 @@
         --config.init_from=runs/blip2_stage1
     python -m jaxvlm.train --config=configs/blip2.py:stage=vqa --workdir=runs/blip2_vqa_ft \\
         --config.init_from=runs/blip2_stage2
+    python -m jaxvlm.train --config=configs/blip2.py:stage=2,llm=t5 \\
+        --workdir=runs/blip2_stage2_encdec --config.init_from=runs/blip2_stage1
 
 Stage 1 (representation learning, BLIP-2 §3.2) trains the Q-Former alone against the frozen image
 encoder, with no LLM (`config.llm.name="none"`), on image–caption pairs: ITC + ITM + ITG summed
@@ -17,7 +19,12 @@ Stage 2 (generative learning, BLIP-2 §3.3) adds `language_projection` and the f
 LLM (the world LM, a Llama): the 32 projected query outputs are the soft visual prompt before the
 caption (`common.BLIP2_TEMPLATE`: bos, the image slots, the caption, EOS), the LM loss covers the
 caption only, and the Q-Former (loaded from stage 1 through `config.init_from`) trains alone.
-Without `init_from` it is the paper's "no stage 1" ablation. It is evaluated zero-shot on VQA
+Without `init_from` it is the paper's "no stage 1" ablation. With `llm=t5` the frozen LLM is an
+encoder-decoder (the world T5, pretrained on the world's text the first time a job needs it;
+FlanT5-XL at size=paper): the queries and the first s ~ U[1, n // 2] caption tokens enter its
+encoder, the decoder writes the rest and EOS (§3.3's prefix LM, `objective="prefix_lm"`,
+`data.prefix_split="random"`; a caption of n < 2 tokens goes wholly to the decoder, logged as
+`train/unsplit_fraction`), and the zero-shot prompt is `Question: {} Short answer:`. It is evaluated zero-shot on VQA
 with the paper's prompt `Question: {} Answer:`, beam search 5, length penalty -1, at most 10 new
 tokens, and on captioning with the training format (no prompt), the blind baseline (the frozen
 LM, same template and prompt, no image) beside each.
@@ -89,6 +96,9 @@ def qformer(size: str) -> dict:
 
 
 STAGES = ("1", "2", "vqa", "caption")
+# Stage 2's frozen LLM: "lm" a decoder-only (the world LM; OPT-2.7B at size=paper), "t5" an
+# encoder-decoder (the world T5; FlanT5-XL at size=paper) trained with the prefix-LM split.
+LLMS = ("lm", "t5")
 # Stage 2 and the fine-tunes train the Q-Former's query path (and the projection); the stage-1
 # heads (ITC projections, temperature, ITM, ITG) get no gradient there, so they stay out of the
 # optimizer instead of shrinking under weight decay.
@@ -96,7 +106,9 @@ QUERY_PATH = r"bridge/(?!(vision_projection|text_projection|temperature|itm_head
 
 
 def get_config(arg=None):
-    arg = config_utils.parse_arg(arg, stage="1", size="default", qformer_init="none")
+    arg = config_utils.parse_arg(arg, stage="1", size="default", qformer_init="none", llm="lm")
+    if arg.llm not in LLMS:
+        raise config_utils.ConfigError(f"config argument llm={arg.llm}; allowed: {', '.join(LLMS)}")
     if arg.qformer_init not in QFORMER_INITS:
         raise config_utils.ConfigError(
             f"config argument qformer_init={arg.qformer_init}; allowed: {', '.join(QFORMER_INITS)}"
@@ -129,7 +141,7 @@ def get_config(arg=None):
     if arg.stage == "1":
         stage1(config, size)
     else:
-        stage2(config, size)
+        stage2(config, size, arg.llm)
         if arg.stage == "vqa":
             vqa_finetune(config, size)
         elif arg.stage == "caption":
@@ -194,18 +206,27 @@ def stage1(config, size: str) -> None:
     )
 
 
-def stage2(config, size: str) -> None:
-    """The LM loss on captions through the frozen decoder-only LLM; zero-shot VQA and captions."""
-    llm = {"tiny": "world_tiny", "default": "world_default", "paper": "opt_2.7b"}[size]
-    if size == "paper":
-        config.llm = dict(name="opt", **backbones.opt(llm), checkpoint="")
+def stage2(config, size: str, llm: str = "lm") -> None:
+    """The LM loss on captions through the frozen LLM; zero-shot VQA and captions. A decoder-only
+    LLM (`llm="lm"`) reads the query outputs then the caption; an encoder-decoder (`llm="t5"`)
+    gets the query outputs and a caption prefix in its encoder and the rest as its target
+    (§3.3's prefix LM: `data.prefix_split="random"`), and its VQA prompt is the FlanT5 one."""
+    world_llm = {"tiny": "world_tiny", "default": "world_default"}.get(size)
+    backbone = f"backbone:{PRETRAIN}:model={llm},size={size}"
+    vqa_prompt = common.BLIP2_VQA_PROMPT
+    if llm == "t5":
+        preset = backbones.t5(world_llm or "flan_t5_xl")
+        config.llm = dict(name="t5", **preset, checkpoint=backbone if world_llm else "")
+        config.objective = "prefix_lm"
+        config.data.prefix_split = "random"
+        config.data.decoder_max_len = 32  # the start token + a caption's suffix and EOS
+        vqa_prompt = common.BLIP2_T5_VQA_PROMPT
+    elif size == "paper":
+        config.llm = dict(name="opt", **backbones.opt("opt_2.7b"), checkpoint="")
+        config.objective = "lm"
     else:
-        config.llm = dict(
-            name="llama",
-            **backbones.llama(llm),
-            checkpoint=f"backbone:{PRETRAIN}:model=lm,size={size}",
-        )
-    config.objective = "lm"
+        config.llm = dict(name="llama", **backbones.llama(world_llm), checkpoint=backbone)
+        config.objective = "lm"
     config.trainable = (QUERY_PATH,)
     config.data.task = "llava_captions"
     config.data.caption_prompts = ("",)  # §3.3: the visual prompt, then the caption
@@ -221,7 +242,7 @@ def stage2(config, size: str) -> None:
     num_examples = {"tiny": 10, "default": 300, "paper": 0}[size]
     config.evals.vqa = common.vqa_eval(
         num_examples=num_examples,
-        prompt=common.BLIP2_VQA_PROMPT,
+        prompt=vqa_prompt,
         num_beams=5,
         length_penalty=-1.0,
         max_new_tokens=10,
@@ -241,7 +262,8 @@ def vqa_finetune(config, size: str) -> None:
     config.data.instruction_mix = dict(
         conversation=0.0, detail=0.0, complex_reasoning=0.0, vqa=1.0, caption=0.0
     )
-    config.data.vqa_prompt = common.BLIP2_VQA_PROMPT
+    config.data.vqa_prompt = config.evals.vqa.prompt  # stage 2's: OPT's or FlanT5's
+    config.data.prefix_split = "none"  # an encoder-decoder's target is the whole answer
     config.data.vqa_turns = 1
     config.data.bridge_max_text_len = {"tiny": 16, "default": 24, "paper": 32}[size]
     config.data.max_text_len = {"tiny": 40, "default": 56, "paper": 64}[size]
@@ -257,6 +279,7 @@ def caption_finetune(config, size: str) -> None:
     image encoder trainable, LLM frozen. Starts from stage 2 (`config.init_from`)."""
     config.trainable = (QUERY_PATH, "encoder/.*")
     config.data.caption_prompts = (common.BLIP2_CAPTION_PROMPT,)
+    config.data.prefix_split = "none"  # the prompt is the encoder's, the caption the target
     config.train.num_steps = {"tiny": 3, "default": 300, "paper": 80_000}[size]
     config.optimizer.learning_rate = {"tiny": 1e-3, "default": 3e-4, "paper": 1e-5}[size]
     config.optimizer.min_learning_rate = 0.0

@@ -69,9 +69,8 @@ BLIP2_TEMPLATE = (
     "{% elif message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}{% endif %}"
     "{% endfor %}"
 )
-BLIP2_VQA_PROMPT = (
-    "Question: {question} Answer:"  # OPT; FlanT5: "Question: {question} Short answer:"
-)
+BLIP2_VQA_PROMPT = "Question: {question} Answer:"  # BLIP-2's zero-shot VQA prompt for OPT
+BLIP2_T5_VQA_PROMPT = "Question: {question} Short answer:"  # ... and for FlanT5
 BLIP2_CAPTION_PROMPT = "a photo of"  # BLIP-2's captioning fine-tune prompt
 
 
@@ -216,6 +215,13 @@ def base_config() -> ConfigDict:
             # Tq of the prompt a prompt-reading bridge gets (config.bridge.read_prompt: BLIP-2's
             # VQA fine-tune feeds the question to the Q-Former; text max length 32 as §3.1).
             bridge_max_text_len=32,
+            # Encoder-decoder LLMs (config.llm.name="t5"): how a sequence's target splits
+            # between the encoder and the decoder (jaxvlm.data.transforms.SplitForEncoderDecoder):
+            # "none" (every target token to the decoder), "random" (BLIP-2's prefix LM: the
+            # first s ~ U[1, n // 2] of the n target tokens to the encoder) or "half" (s = n // 2,
+            # deterministic: perplexity). The decoder's length is decoder_max_len.
+            prefix_split="none",
+            decoder_max_len=32,
         )
     )
     # The conversation template of prefix VLMs (jaxvlm.data.chat.ChatTemplate). template=

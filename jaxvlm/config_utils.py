@@ -269,6 +269,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.objective={config.objective!r} is unknown; known: "
             f"{', '.join(sorted(objectives.OBJECTIVES))}"
         )
+    encoder_decoder = models.is_encoder_decoder(config)
+    if config.objective in ("lm", "prefix_lm") and config.llm.name != "none":
+        if encoder_decoder != (config.objective == "prefix_lm"):
+            want = "prefix_lm" if encoder_decoder else "lm"
+            raise ConfigError(
+                f"config.objective={config.objective!r} does not fit config.llm.name="
+                f"{config.llm.name!r}: an {'encoder-decoder' if encoder_decoder else 'decoder-only'}"
+                f" LLM trains with objective {want!r}"
+            )
+    if encoder_decoder and config.data.task == "captions":
+        raise ConfigError(
+            "config.data.task='captions' has no targets to split for the encoder-decoder "
+            f"config.llm.name={config.llm.name!r}"
+        )
     unknown_axes = set(config.mesh) - set(sharding.MESH_AXES)
     if unknown_axes:
         raise ConfigError(f"config.mesh has unknown axes {sorted(unknown_axes)}")

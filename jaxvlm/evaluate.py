@@ -48,6 +48,8 @@ _ADDED_FIELDS = {
     ("data", "augment"): "none",
     ("data", "bridge_max_text_len"): 32,
     ("data", "image_position"): "random",
+    ("data", "prefix_split"): "none",
+    ("data", "decoder_max_len"): 32,
     ("loss",): dict(itc=1.0, itm=1.0, itg=1.0, itc_label_smoothing=0.1, itg_label_smoothing=0.1),
 }
 _ADDED_GENERATIVE_EVAL_FIELDS = {"num_beams": 1, "length_penalty": 1.0}

@@ -10,7 +10,7 @@ and image preprocessing come from what was saved with it. Each --prompt is wrapp
 chat template and its images are placed where the model saw them in training (LLaVA: at the start
 of the user turn). --no-template encodes the prompt exactly as the tokenizer does, with its own
 special tokens; write one <image> in the text per image. A language model trained on plain text
-(an `lm` run) has no chat template: its prompt is BOS + text, as in training, and it takes no
+(an `lm` or `seq2seq_lm` run) has no chat template: its prompt is BOS + text, as in training, and it takes no
 images. With one --prompt every --image goes to it; with several, give one image per prompt (in
 order) or none. Images may be of any size and any format Pillow reads; they are resized, cropped
 and normalised as in training. A prompt may be at most the run's context, config.data.max_text_len
@@ -92,6 +92,7 @@ class _PromptFormat:
     tokens_per_image: int
     image_size: int
     context: int  # config.data.max_text_len
+    model: str  # config.model
 
     @classmethod
     def of(cls, run, use_template: bool) -> _PromptFormat:
@@ -99,10 +100,10 @@ class _PromptFormat:
         from jaxvlm.data import chat
 
         config = run.config
-        if config.model not in ("vlm", "lm"):
+        if config.model not in ("vlm", "lm", "seq2seq_lm"):
             raise ValueError(
                 f"the run in {run.workdir} is config.model={config.model!r}, which does not "
-                "generate text; generate needs a 'vlm' or an 'lm' run"
+                "generate text; generate needs a 'vlm', an 'lm' or a 'seq2seq_lm' run"
             )
         # An empty template: an imported LLM that ships none (a base model) reads plain text too.
         has_template = (
@@ -119,6 +120,7 @@ class _PromptFormat:
             tokens_per_image=vlm.tokens_per_image(config) if is_vlm else 0,
             image_size=run.preprocessing.image_size,
             context=config.data.max_text_len,
+            model=config.model,
         )
 
     @property
@@ -140,7 +142,7 @@ class _PromptFormat:
         if num_images and self.image_token_id is None:
             raise ValueError(
                 f"prompt {index} has {num_images} image(s), but this model is a text-only "
-                "language model (config.model='lm'): it takes no images"
+                f"language model (config.model={self.model!r}): it takes no images"
             )
         messages = [*history, {"role": "user", "content": prompt}]
         # Plain text, as in training: BOS + text. A VLM without a chat template (an imported

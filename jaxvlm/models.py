@@ -1,6 +1,8 @@
 """The `MODELS` table: what a job trains, built from the config by one explicit factory.
 
 - `lm`: a decoder-only language model; parameters under `llm/` (as in a VLM, so a pretrained LM drops in).
+- `seq2seq_lm`: an encoder-decoder language model (T5), parameters under `llm/`: the world's T5,
+  pretrained with the prefix-LM split for BLIP-2's encoder-decoder stage 2.
 - `dual_encoder`: CLIP-style image tower + text tower with projections and a learned temperature;
   the image tower's parameters live under `encoder/` (as in a VLM, so the pretrained ViT drops in).
 
@@ -20,8 +22,8 @@ import numpy as np
 
 from jaxvlm import config_utils
 from jaxvlm.encoders import build_encoder
-from jaxvlm.llms import build_llm
-from jaxvlm.vlm import build_vlm, vlm_example_inputs
+from jaxvlm.llms import ENCODER_DECODER_LLMS, build_llm
+from jaxvlm.vlm import build_vlm, decoder_example_inputs, vlm_example_inputs
 
 
 class LanguageModel(nn.Module):
@@ -31,6 +33,39 @@ class LanguageModel(nn.Module):
 
     def __call__(self, tokens, *, mask=None, positions=None):
         return self.llm(tokens, positions=positions, kv_mask=mask)
+
+
+class Seq2SeqLanguageModel(nn.Module):
+    """An encoder-decoder LM: encoder `tokens int[B, S]` and `decoder_tokens int[B, T]` (start
+    token first) → `DecoderOutput(logits float[B, T, V], ...)` (T5 teacher forcing)."""
+
+    llm: nn.Module
+
+    def __call__(self, tokens, *, mask=None, decoder_tokens, decoder_mask=None):
+        return self.llm(tokens, decoder_tokens, mask=mask, decoder_mask=decoder_mask)
+
+
+def is_encoder_decoder(config: ml_collections.ConfigDict) -> bool:
+    """Whether `config.llm` is an encoder-decoder (its batches split between the two stacks)."""
+    return config.llm.name in ENCODER_DECODER_LLMS
+
+
+def encoder_decoder_split(config: ml_collections.ConfigDict, tokenizer, mode: str | None = None):
+    """The host transform that lays a batch out for an encoder-decoder `config.llm`
+    (`mode` default `config.data.prefix_split`; the decoder starts from the pad id, as HF T5's
+    `decoder_start_token_id`), or None for a decoder-only one."""
+    from jaxvlm.data import transforms
+
+    if not is_encoder_decoder(config):
+        return None
+    pad_id = 0 if tokenizer.pad_id is None else tokenizer.pad_id
+    return transforms.SplitForEncoderDecoder(
+        config.data.prefix_split if mode is None else mode,
+        decoder_max_len=config.data.decoder_max_len,
+        decoder_start_id=pad_id,
+        eos_id=tokenizer.eos_id,
+        pad_id=pad_id,
+    )
 
 
 class DualEncoder(nn.Module):
@@ -103,6 +138,20 @@ def lm_example_inputs(config: ml_collections.ConfigDict) -> tuple[tuple, dict]:
     return (tokens,), {"mask": jnp.ones_like(tokens)}
 
 
+def build_seq2seq_lm(config: ml_collections.ConfigDict) -> nn.Module:
+    if not is_encoder_decoder(config):
+        raise config_utils.ConfigError(
+            f"config.model='seq2seq_lm' needs an encoder-decoder config.llm "
+            f"({', '.join(sorted(ENCODER_DECODER_LLMS))}); got config.llm.name={config.llm.name!r}"
+        )
+    return Seq2SeqLanguageModel(llm=build_llm(config.llm))
+
+
+def seq2seq_lm_example_inputs(config: ml_collections.ConfigDict) -> tuple[tuple, dict]:
+    (tokens,), kwargs = lm_example_inputs(config)
+    return (tokens,), {**kwargs, **decoder_example_inputs(config)}
+
+
 def build_dual_encoder(config: ml_collections.ConfigDict) -> nn.Module:
     return DualEncoder(
         encoder=build_encoder(config.encoder),
@@ -134,6 +183,7 @@ class ModelSpec:
 
 MODELS: dict[str, ModelSpec] = {
     "lm": ModelSpec(build_lm, lm_example_inputs, ("llm",)),
+    "seq2seq_lm": ModelSpec(build_seq2seq_lm, seq2seq_lm_example_inputs, ("llm",)),
     "dual_encoder": ModelSpec(
         build_dual_encoder, dual_encoder_example_inputs, ("encoder", "text_encoder")
     ),

@@ -26,22 +26,52 @@ def next_token_targets(tokens, loss_mask):
     return tokens[:, 1:], loss_mask[:, 1:].astype(jnp.float32)
 
 
-def lm_loss(model, params, batch, rng, *, mesh, config):
-    """Next-token cross-entropy over the positions `batch["loss_mask"]` marks (for a VLM batch,
-    with its "images", "image_mask" and, for a prompt-reading bridge, "bridge_ids"/"bridge_mask")."""
-    del rng, mesh
-    keys = ("images", "image_mask", "bridge_ids", "bridge_mask")
-    images = {key: batch[key] for key in keys if key in batch}
-    output = model.apply({"params": params}, batch["tokens"], mask=batch["mask"], **images)
-    targets, weights = next_token_targets(batch["tokens"], batch["loss_mask"])
+def _next_token_loss(logits, sequence, loss_mask):
+    """Mean next-token cross-entropy of `logits float[B, T, V]` on `sequence int[B, T]` where
+    `loss_mask` marks targets → (loss, metrics with "loss", "accuracy", "weight")."""
+    targets, weights = next_token_targets(sequence, loss_mask)
     # Score all T positions, the last with weight 0: slicing the logits to T-1 would copy
     # float[B, T-1, V] forward and pad its gradient back to T.
     targets = jnp.pad(targets, ((0, 0), (0, 1)))
     weights = jnp.pad(weights, ((0, 0), (0, 1)))
-    loss_sum, weight, hits = cross_entropy(output.logits, targets, weights)
+    loss_sum, weight, hits = cross_entropy(logits, targets, weights)
     weight_safe = jnp.maximum(weight, 1.0)
     metrics = {"loss": loss_sum / weight_safe, "accuracy": hits / weight_safe, "weight": weight}
     return loss_sum / weight_safe, metrics
+
+
+VLM_INPUTS = ("images", "image_mask", "bridge_ids", "bridge_mask")
+
+
+def lm_loss(model, params, batch, rng, *, mesh, config):
+    """Next-token cross-entropy over the positions `batch["loss_mask"]` marks (for a VLM batch,
+    with its "images", "image_mask" and, for a prompt-reading bridge, "bridge_ids"/"bridge_mask")."""
+    del rng, mesh
+    images = {key: batch[key] for key in VLM_INPUTS if key in batch}
+    output = model.apply({"params": params}, batch["tokens"], mask=batch["mask"], **images)
+    return _next_token_loss(output.logits, batch["tokens"], batch["loss_mask"])
+
+
+def prefix_lm_loss(model, params, batch, rng, *, mesh, config):
+    """An encoder-decoder's (T5) next-token cross-entropy on the decoder: "tokens"/"mask" enter
+    the encoder (a VLM's with the image tokens), "decoder_tokens" (start token first) the
+    decoder, "loss_mask" over the decoder's positions (BLIP-2 §3.3's prefix LM when the host split
+    moved a caption prefix into the encoder: `transforms.SplitForEncoderDecoder`). Also logs
+    "unsplit_fraction", the rows whose target was too short to split."""
+    del rng, mesh
+    images = {key: batch[key] for key in VLM_INPUTS if key in batch}
+    output = model.apply(
+        {"params": params},
+        batch["tokens"],
+        mask=batch["mask"],
+        decoder_tokens=batch["decoder_tokens"],
+        decoder_mask=batch["decoder_mask"],
+        **images,
+    )
+    loss, metrics = _next_token_loss(output.logits, batch["decoder_tokens"], batch["loss_mask"])
+    if "unsplit" in batch:
+        metrics["unsplit_fraction"] = jnp.mean(batch["unsplit"].astype(jnp.float32))
+    return loss, metrics
 
 
 def contrastive_loss(model, params, batch, rng, *, mesh, config):
@@ -152,6 +182,7 @@ LossFn = Callable[..., tuple[jax.Array, dict]]
 
 OBJECTIVES: dict[str, LossFn] = {
     "lm": lm_loss,
+    "prefix_lm": prefix_lm_loss,
     "bridge_pretrain": bridge_pretrain_loss,
     "contrastive": contrastive_loss,
 }

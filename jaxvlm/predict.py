@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from jaxvlm import models, objectives, sharding, vlm
 from jaxvlm.decoding import Decoding, GenerateOutput, generate, llm_decoder
+from jaxvlm.llms.t5 import T5, t5_generate
 
 
 def _fetch(output):
@@ -48,9 +49,12 @@ def _jit(fn, mesh, *, fetch: bool = True):
 
 
 def _sequence_nll(model, params, batch):
-    """Per-example `[nll summed over target tokens, number of target tokens]`, `float[B, 2]`."""
-    logits = model.apply({"params": params}, batch["tokens"], mask=batch["mask"]).logits
-    targets, weights = objectives.next_token_targets(batch["tokens"], batch["loss_mask"])
+    """Per-example `[nll summed over target tokens, number of target tokens]`, `float[B, 2]`
+    (an encoder-decoder's over its decoder tokens)."""
+    decoder = {k: batch[k] for k in ("decoder_tokens", "decoder_mask") if k in batch}
+    logits = model.apply({"params": params}, batch["tokens"], mask=batch["mask"], **decoder).logits
+    sequence = batch.get("decoder_tokens", batch["tokens"])
+    targets, weights = objectives.next_token_targets(sequence, batch["loss_mask"])
     log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
     return jnp.stack([jnp.sum(nll * weights, axis=-1), jnp.sum(weights, axis=-1)], axis=-1)
@@ -58,8 +62,9 @@ def _sequence_nll(model, params, batch):
 
 @functools.cache
 def generate_fn(model: nn.Module, mesh) -> Callable:
-    """The one batched decode path of a text-generating model (a prefix `VLM` or a
-    `LanguageModel`), used by the generative evaluators and by `generate.answer`.
+    """The one batched decode path of a text-generating model (a prefix `VLM`, a
+    `LanguageModel` or a `Seq2SeqLanguageModel`), used by the generative evaluators and by
+    `generate.answer`; an encoder-decoder LLM (T5) decodes through `t5.t5_generate`.
 
     Returns `fn(params, batch, *, max_new_tokens, eos_id, pad_id, stop_ids=(),
     decoding=None, seed=0, example_indices=None) -> GenerateOutput` (numpy, on the host):
@@ -85,16 +90,38 @@ def generate_fn(model: nn.Module, mesh) -> Callable:
             keys = ("tokens", "images", "image_mask", "bridge_ids", "bridge_mask")
             return None, embed(params, {key: batch[key] for key in keys if key in batch})
 
-    elif isinstance(model, models.LanguageModel):
+    elif isinstance(model, (models.LanguageModel, models.Seq2SeqLanguageModel)):
 
         def prompt_inputs(params, batch):
             return jax.device_put(batch["tokens"], sharding.batch_sharding(mesh, 2)), None
 
     else:
         raise ValueError(
-            f"{type(model).__name__} does not generate text; only a VLM or a LanguageModel does"
+            f"{type(model).__name__} does not generate text; only a VLM or a language model does"
         )
-    decoder = llm_decoder(model.llm, "llm")
+    if isinstance(model.llm, T5):
+        # An encoder-decoder: the prompt (a VLM's with its image tokens) is the encoder's input,
+        # padded on either side; the decoder starts from the pad id (HF T5's
+        # `decoder_start_token_id`), which is not in the output.
+        llm = model.llm
+
+        def decode(params, tokens, mask, embeddings, *, pad_id, **kwargs):
+            return t5_generate(
+                llm,
+                params,
+                tokens,
+                mask,
+                embeddings=embeddings,
+                pad_id=pad_id,
+                decoder_start_id=pad_id,
+                **kwargs,
+            )
+
+    else:
+        decoder = llm_decoder(model.llm, "llm")
+
+        def decode(params, tokens, mask, embeddings, **kwargs):
+            return generate(decoder, params, tokens, mask, prompt_embeddings=embeddings, **kwargs)
 
     def fn(
         params,
@@ -111,12 +138,11 @@ def generate_fn(model: nn.Module, mesh) -> Callable:
         prompt_tokens, prompt_embeddings = prompt_inputs(params, batch)
         mask = jax.device_put(batch["mask"], sharding.batch_sharding(mesh, 2))
         with jax.set_mesh(mesh):
-            output = generate(
-                decoder,
+            output = decode(
                 params,
                 prompt_tokens,
                 mask,
-                prompt_embeddings=prompt_embeddings,
+                prompt_embeddings,
                 max_new_tokens=max_new_tokens,
                 eos_id=eos_id,
                 pad_id=pad_id,
@@ -142,6 +168,7 @@ def predict_fns(model: nn.Module, mesh) -> dict[str, Callable]:
         fns["logits"] = lambda params, batch: (
             model.apply({"params": params}, batch["tokens"], mask=batch["mask"]).logits
         )
+    if isinstance(model, (models.LanguageModel, models.Seq2SeqLanguageModel)):
         fns["score"] = lambda params, batch: _sequence_nll(model, params, batch)
     if isinstance(model, models.DualEncoder):
         fns["embed_image"] = lambda params, batch: model.apply(
@@ -177,7 +204,7 @@ def predict_fns(model: nn.Module, mesh) -> dict[str, Callable]:
             method=vlm.VLM.retrieval_match_score,
         )
     jitted = {name: _jit(fn, mesh) for name, fn in fns.items()}
-    if isinstance(model, models.LanguageModel) or (
+    if isinstance(model, (models.LanguageModel, models.Seq2SeqLanguageModel)) or (
         isinstance(model, vlm.VLM) and model.llm is not None
     ):
         jitted["generate"] = _generated_tokens(model, mesh)

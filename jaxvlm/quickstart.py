@@ -3,7 +3,8 @@
 Phases: build (or reuse) the synthetic world → pretrain (or reuse) the world ViT (CLIP-style) and the
 world LM (text only) → for each selected recipe, train its stages (LLaVA: stage 1, the projector on
 captions; stage 2, projector + LLM on instructions, from stage 1; BLIP-2 with `--bridges blip2`:
-Q-Former stage 1, stage 2 into the world LM, the VQA fine-tune and the no-stage-1 ablation) →
+Q-Former stage 1, stage 2 into the world LM and into the world T5 (pretrained on the world's text
+the first time it is needed), the VQA fine-tune and the no-stage-1 ablation) →
 evaluate every model on `test` and `test_novel`, generative models beside the blind baseline (the
 frozen world LM, same template and prompt, no image) → print a table and write `metrics.json`,
 `report.md` and `loss_curves.png` into the workdir (INTERFACES.md §3).
@@ -34,30 +35,34 @@ BACKBONE_SCORES = "quickstart_scores.json"  # a finished backbone's rows, cached
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """One trained model of a recipe: row `<config>_<name>`, config argument, and the stage whose
-    workdir it starts from (`config.init_from`)."""
+    """One trained model of a recipe: row `<config>_<name>`, config argument, the stage whose
+    workdir it starts from (`config.init_from`), and the blind-baseline row its config gives
+    (its frozen LLM with its template, prompts and decoding, the image removed), if any."""
 
     name: str
     config_arg: str
     init_from: str | None = None
+    blind_row: str | None = None
 
 
 # The quickstart's recipes, by config name (INTERFACES.md §4: `--bridges` values).
 RECIPES: dict[str, tuple[Stage, ...]] = {
-    "llava": (Stage("stage1", "stage=1"), Stage("stage2", "stage=2", init_from="stage1")),
+    "llava": (
+        Stage("stage1", "stage=1"),
+        Stage("stage2", "stage=2", init_from="stage1", blind_row="blind"),
+    ),
     # BLIP-2 (papers.md §1): stage 1 (Q-Former alone, retrieval), stage 2 into the frozen world
-    # LM (zero-shot VQA and captions), the VQA fine-tune from stage 2 (question into the
-    # Q-Former), and the paper's ablation: stage 2 without stage 1. The last stage's config
-    # (stage 2's template, prompts and decoding) gives `blind_blip2`.
+    # LM (zero-shot VQA and captions) and into the frozen world T5 (prefix LM; the FlanT5
+    # prompt), the VQA fine-tune from stage 2 (question into the Q-Former), and the paper's
+    # ablation: stage 2 without stage 1 (stage 2's template, prompts and decoding: `blind_blip2`).
     "blip2": (
         Stage("stage1", "stage=1"),
         Stage("stage2_decoder", "stage=2", init_from="stage1"),
+        Stage("stage2_encdec", "stage=2,llm=t5", init_from="stage1", blind_row="blind_blip2_t5"),
         Stage("vqa_ft", "stage=vqa", init_from="stage2_decoder"),
-        Stage("no_stage1", "stage=2"),
+        Stage("no_stage1", "stage=2", blind_row="blind_blip2"),
     ),
 }
-# The recipe whose blind baseline is the row `blind` (others are `blind_<config>`).
-MAIN_RECIPE = "llava"
 
 
 def parse_bridges(text: str) -> list[str]:
@@ -190,7 +195,7 @@ def jax_process_index() -> int:
 
 def _stage_phase(workdir, recipe, stage, spec, cache_dir, metrics, overrides):
     """Trains the stage unless its workdir holds the final step, then fills its rows (and the
-    recipe's blind rows from its last stage)."""
+    blind rows its `blind_row` names)."""
 
     def action():
         from jaxvlm import checkpoint, config_utils, evaluate, train
@@ -209,11 +214,10 @@ def _stage_phase(workdir, recipe, stage, spec, cache_dir, metrics, overrides):
             metrics.drop(row)
             summary = train.train(config, stage_dir, cache_dir=cache_dir)
             metrics.set(row, "test", _flatten(summary["evals"]))  # the config evaluates `test`
-        blind_row = "blind" if recipe == MAIN_RECIPE else f"blind_{recipe}"
-        is_last = stage == RECIPES[recipe][-1]
+        blind_row = stage.blind_row
         for split in SPLITS:
             need_model = split not in metrics.data["results"].get(row, {})
-            need_blind = is_last and split not in metrics.data["results"].get(blind_row, {})
+            need_blind = bool(blind_row) and split not in metrics.data["results"].get(blind_row, {})
             if not (need_model or need_blind):
                 continue
             run = evaluate.load_run(stage_dir, cache_dir=cache_dir)

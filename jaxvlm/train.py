@@ -241,6 +241,7 @@ def setup_data(config: ml_collections.ConfigDict, cache_dir: Path, mesh, tokeniz
         texts_per_row=config.data.texts_per_row,
         text_packing=config.data.text_packing,
         augment=config.data.augment,
+        encoder_decoder=models.encoder_decoder_split(config, tokenizer),
     )
     return TrainData(world, tokenizer, preprocessing, iterator, config.data.batch_size, mesh)
 

@@ -11,6 +11,9 @@ index m·N + n into the bridge tokens reshaped [B, M·N, D], and `jnp.where` kee
 embedding elsewhere. It assumes that row b holds exactly `image_mask[b].sum()·N` placeholders and
 that the real images come first; `check_placeholders` checks the count on the host.
 
+With an encoder-decoder LLM (T5) the scattered sequence is the encoder's input and the decoder
+gets its own tokens (`decoder_tokens`), as BLIP-2 feeds FlanT5.
+
 Only `PREFIX` bridges are composed here; `CROSS_ATTENTION` bridges need the decoder hook
 (`Llama.cross_attention`) wired by this module, which is the Flamingo issue.
 """
@@ -27,10 +30,17 @@ import numpy as np
 
 from jaxvlm.bridges import BridgeText, Injection, build_bridge
 from jaxvlm.encoders import build_encoder
-from jaxvlm.llms import build_llm
+from jaxvlm.llms import ENCODER_DECODER_LLMS, build_llm
+from jaxvlm.llms.t5 import T5
 from jaxvlm.param_paths import path_string
 
-__all__ = ["VLM", "build_vlm", "check_placeholders", "vlm_example_inputs"]
+__all__ = [
+    "VLM",
+    "build_vlm",
+    "check_placeholders",
+    "decoder_example_inputs",
+    "vlm_example_inputs",
+]
 
 
 def _cross_attention_error(name: str) -> ValueError:
@@ -176,14 +186,31 @@ class VLM(nn.Module):
         positions: jax.Array | None = None,
         bridge_ids: jax.Array | None = None,
         bridge_mask: jax.Array | None = None,
+        decoder_tokens: jax.Array | None = None,
+        decoder_mask: jax.Array | None = None,
     ):
         """Returns the LLM's `DecoderOutput` (logits float32[B, T, V]); without an LLM, the
         bridge tokens float[B, M, N, D] (what initialisation traces). `bridge_ids`,
-        `bridge_mask`: as `embed_images`."""
+        `bridge_mask`: as `embed_images`.
+
+        With an encoder-decoder LLM (T5) `tokens`/`mask` are the encoder's input (the image
+        tokens enter the encoder, STYLE.md §4) and `decoder_tokens`, `decoder_mask` int[B, Td]
+        (start token first) the decoder's; the logits are the decoder's, float32[B, Td, V]."""
         if self.llm is None:
             return self.embed_images(images, image_mask, bridge_ids, bridge_mask)
         embeddings = self.embed_inputs(tokens, images, image_mask, bridge_ids, bridge_mask)
+        if self.encoder_decoder:
+            if decoder_tokens is None:
+                raise ValueError("an encoder-decoder LLM needs decoder_tokens")
+            return self.llm(
+                None, decoder_tokens, embeddings=embeddings, mask=mask, decoder_mask=decoder_mask
+            )
         return self.llm(embeddings=embeddings, kv_mask=mask, positions=positions)
+
+    @property
+    def encoder_decoder(self) -> bool:
+        """Whether the LLM is an encoder-decoder (T5): the prompt is the encoder's input."""
+        return isinstance(self.llm, T5)
 
 
 def build_vlm(config: ml_collections.ConfigDict) -> nn.Module:
@@ -220,11 +247,20 @@ def encoder_trains(config: ml_collections.ConfigDict, encoder: nn.Module) -> boo
     return any(pattern.fullmatch(path) for pattern in patterns for path in paths)
 
 
+def decoder_example_inputs(config: ml_collections.ConfigDict) -> dict:
+    """The decoder's example inputs of an encoder-decoder `config.llm` ({} for a decoder-only)."""
+    if config.llm.name not in ENCODER_DECODER_LLMS:
+        return {}
+    decoder_tokens = jnp.zeros((1, config.data.decoder_max_len), jnp.int32)
+    return {"decoder_tokens": decoder_tokens, "decoder_mask": jnp.ones_like(decoder_tokens)}
+
+
 def vlm_example_inputs(config: ml_collections.ConfigDict) -> tuple[tuple, dict]:
     size = config.preprocessing.image_size
     images = jnp.zeros((1, 1, size, size, 3), jnp.float32)
     tokens = jnp.zeros((1, config.data.max_text_len), jnp.int32)
-    return (tokens, images, jnp.ones((1, 1), bool)), {"mask": jnp.ones_like(tokens)}
+    kwargs = {"mask": jnp.ones_like(tokens), **decoder_example_inputs(config)}
+    return (tokens, images, jnp.ones((1, 1), bool)), kwargs
 
 
 def tokens_per_image(config: ml_collections.ConfigDict) -> int:

@@ -1,18 +1,30 @@
 """BLIP-2 end to end on the tiny world, through `python -m jaxvlm.quickstart --bridges blip2`:
 stage 1 trains the Q-Former alone (the ViT bit-identical), stage 2 starts from it through
-`config.init_from` and trains it into the frozen LM, the VQA fine-tune feeds the question to the
+`config.init_from` and trains it into the frozen LM and into the frozen T5, the VQA fine-tune feeds the question to the
 Q-Former and trains the ViT too, and the "no stage 1" ablation starts from scratch."""
+
+import json
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from helpers import CONFIGS
 
 from jaxvlm import backbones, checkpoint, evaluate, initialization, models, sharding
 
 RETRIEVAL_METRICS = {f"r{k}_{d}" for k in (1, 5, 10) for d in ("image_to_text", "text_to_image")}
-ROWS = ("blip2_stage1", "blip2_stage2_decoder", "blip2_vqa_ft", "blip2_no_stage1", "blind_blip2")
+ROWS = (
+    "blip2_stage1",
+    "blip2_stage2_decoder",
+    "blip2_stage2_encdec",
+    "blip2_vqa_ft",
+    "blip2_no_stage1",
+    "blind_blip2",
+    "blind_blip2_t5",
+)
+GENERATIVE = {"vqa_accuracy", "cider"}
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +65,11 @@ def test_quickstart_writes_the_blip2_rows(blip2_quickstart):
         assert set(results[row]) == {"test", "test_novel"}, row
     for split in ("test", "test_novel"):
         assert set(results["blip2_stage1"][split]) == RETRIEVAL_METRICS
-        assert set(results["blip2_stage2_decoder"][split]) == {"vqa_accuracy", "cider"}
-        assert set(results["blip2_no_stage1"][split]) == {"vqa_accuracy", "cider"}
+        for row in ("blip2_stage2_decoder", "blip2_stage2_encdec", "blip2_no_stage1"):
+            assert set(results[row][split]) == GENERATIVE
         assert set(results["blip2_vqa_ft"][split]) == {"vqa_accuracy"}
-        assert set(results["blind_blip2"][split]) == {"vqa_accuracy", "cider"}
+        assert set(results["blind_blip2"][split]) == set(results["blind_blip2_t5"][split])
+        assert set(results["blind_blip2"][split]) == GENERATIVE
         values = [v for row in ROWS for v in results[row][split].values()]
         assert all(0.0 <= value <= 100.0 for value in values)
     assert "blip2_no_stage1" in data["timings_s"]
@@ -99,6 +112,33 @@ def test_stage2_starts_from_stage1_and_keeps_the_llm_frozen(blip2_quickstart, tm
     assert _changed(after["bridge"]["language_projection"], before["bridge"]["language_projection"])
     assert config.evals.vqa.num_beams == 5 and config.evals.vqa.length_penalty == -1.0
     assert config.evals.vqa.prompt == "Question: {question} Answer:"
+
+
+@pytest.mark.slow
+def test_encoder_decoder_stage2_trains_into_the_frozen_world_t5(
+    blip2_quickstart, tmp_path, cache_dir
+):
+    """Stage 2 into the T5 the world's text pretrained (built because this job names it): the
+    prefix LM, the FlanT5 prompt, the T5 frozen, the Q-Former from stage 1."""
+    workdir, data = blip2_quickstart
+    _, stage1 = _run(workdir / "blip2_stage1", cache_dir)
+    config, after = _run(workdir / "blip2_stage2_encdec", cache_dir)
+    assert config.llm.name == "t5" and config.objective == "prefix_lm"
+    assert config.data.prefix_split == "random"
+    assert config.evals.vqa.prompt == "Question: {question} Short answer:"
+    t5 = checkpoint.read_params(config.llm.checkpoint)  # the cached backbone's workdir
+    assert t5 and all(key.startswith("llm/") for key in t5)
+    before = _initial_params(config, tmp_path / "fresh", cache_dir)
+    chex.assert_trees_all_equal(before["bridge"]["query_tokens"], stage1["bridge"]["query_tokens"])
+    chex.assert_trees_all_equal(after["llm"], before["llm"])
+    flat = checkpoint.flatten_params(after)
+    for key, value in t5.items():
+        np.testing.assert_array_equal(flat[key], value)
+    assert _changed(after["bridge"]["language_projection"], before["bridge"]["language_projection"])
+    losses = [
+        json.loads(line) for line in (workdir / "blip2_stage2_encdec" / "metrics.jsonl").open()
+    ]
+    assert any("train/unsplit_fraction" in record for record in losses)
 
 
 @pytest.mark.slow

@@ -10,12 +10,15 @@ from jaxvlm.importers import gguf as gguf_importer
 RECIPES = [
     ("backbones_pretrain", "model=vit"),
     ("backbones_pretrain", "model=lm"),
+    ("backbones_pretrain", "model=t5"),
     ("llava", "stage=1"),
     ("llava", "stage=2"),
     ("blip2", "stage=1"),
     ("blip2", "stage=2"),
     ("blip2", "stage=vqa"),
     ("blip2", "stage=caption"),
+    ("blip2", "stage=2,llm=t5"),
+    ("blip2", "stage=vqa,llm=t5"),
 ]
 
 
@@ -75,6 +78,53 @@ def test_blip2_paper_recipe():
     for config in (vqa, caption):  # the LLM frozen, the Q-Former and the ViT trained
         assert "encoder/.*" in config.trainable and not any("llm" in p for p in config.trainable)
     assert caption.evals.caption.prompt == caption.data.caption_prompts[0] == "a photo of"
+
+
+def test_blip2_encoder_decoder_stage2_is_flant5_with_the_prefix_lm():
+    """papers.md §1: stage 2 into FlanT5-XL (size=paper) or the world T5, the prefix-LM split,
+    and FlanT5's zero-shot prompt; its VQA fine-tune gives the decoder the whole answer."""
+    load = lambda arg: config_utils.load_config(f"{CONFIGS}/blip2.py:{arg}")
+    paper = load("stage=2,llm=t5,size=paper")
+    assert paper.llm.name == "t5" and paper.llm.checkpoint == ""
+    assert (paper.llm.dim, paper.llm.depth, paper.llm.mlp_dim, paper.llm.vocab_size) == (
+        2048,
+        24,
+        5120,
+        32128,
+    )
+    assert paper.llm.gated_mlp and not paper.llm.tie_embeddings
+    world = load("stage=2,llm=t5,size=default")
+    assert world.llm.checkpoint.startswith("backbone:") and "model=t5" in world.llm.checkpoint
+    for config in (paper, world):
+        assert config.objective == "prefix_lm" and config.data.prefix_split == "random"
+        assert config.evals.vqa.prompt == "Question: {question} Short answer:"
+        assert (config.evals.vqa.num_beams, config.evals.vqa.length_penalty) == (5, -1.0)
+    vqa = load("stage=vqa,llm=t5,size=default")
+    assert vqa.data.prefix_split == "none" and vqa.data.vqa_prompt == world.evals.vqa.prompt
+    with pytest.raises(config_utils.ConfigError, match="llm=gpt"):
+        load("stage=2,llm=gpt")
+
+
+def test_an_objective_that_does_not_fit_the_llm_is_an_error(tiny_config):
+    config = tiny_config("blip2", stage=2, llm="t5")
+    with config.unlocked():
+        config.objective = "lm"
+    with pytest.raises(
+        config_utils.ConfigError, match="encoder-decoder LLM trains with objective 'prefix_lm'"
+    ):
+        config_utils.validate(config)
+    config = tiny_config("blip2", stage=2)
+    with config.unlocked():
+        config.objective = "prefix_lm"
+    with pytest.raises(
+        config_utils.ConfigError, match="decoder-only LLM trains with objective 'lm'"
+    ):
+        config_utils.validate(config)
+    config = tiny_config("backbones_pretrain", model="lm")
+    with config.unlocked():
+        config.model = "seq2seq_lm"
+    with pytest.raises(config_utils.ConfigError, match="needs an encoder-decoder config.llm"):
+        models.build_model(config)
 
 
 def test_misspelt_override_raises_naming_the_key():
@@ -216,7 +266,7 @@ def test_a_blip2_stage1_saved_before_the_bridge_tokenizer_and_rerank_still_loads
     saved["data"] = {
         k: v
         for k, v in current["data"].items()
-        if k not in ("image_position", "bridge_max_text_len")
+        if k not in ("image_position", "bridge_max_text_len", "prefix_split", "decoder_max_len")
     }
     saved["evals"] = {"retrieval": {**current["evals"]["retrieval"]}}
     del saved["evals"]["retrieval"]["rerank"], saved["evals"]["retrieval"]["rerank_k"]

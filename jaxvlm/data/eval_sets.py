@@ -90,7 +90,8 @@ def eval_texts(
     texts = [source[i]["text"] for i in range(len(source))]
     lengths = [len(ids) + 2 for ids in tokenizer.encode_batch(texts)]
     order = np.argsort(lengths, kind="stable")
-    dataset = grain.MapDataset.source([{"text": texts[i]} for i in order])
+    # A fresh dict per read: the transforms below pop keys, so a shared one breaks a second read.
+    dataset = grain.MapDataset.source([texts[i] for i in order]).map(lambda text: {"text": text})
     longest = lengths[order[-1]]
     for step in text_transforms(tokenizer, min(max_text_len, -(-longest // 8) * 8)):
         dataset = dataset.map(step)

@@ -17,6 +17,10 @@ Tasks and their batches (B = local batch, S = image size, T = max_text_len):
                token is a next-token target: real and not the first)}; texts only (captions,
                "question? answer" pairs, instruction turns) of the given split(s), one per row or
                `texts_per_row` concatenated (unrelated texts, or one record's: `text_packing`).
+For an encoder-decoder LLM (`encoder_decoder`), "text" and the conversation tasks split each
+example between encoder and decoder (`transforms.SplitForEncoderDecoder`): "tokens", "mask"
+int32[B, T] are the encoder's, "decoder_tokens", "decoder_mask", "loss_mask" int32[B, Td] the
+decoder's, "unsplit" int32[B].
 
 Evaluation datasets (retrieval, perplexity texts, VQA and caption prompts) are in `eval_sets.py`.
 """
@@ -138,6 +142,7 @@ def make_train_iterator(
     texts_per_row: int = 1,
     text_packing: str = "stream",
     augment: str = "none",
+    encoder_decoder: transforms.SplitForEncoderDecoder | None = None,
 ) -> TrainIterator:
     """An infinite, resumable iterator of this process's slice of the global batches.
 
@@ -164,6 +169,9 @@ def make_train_iterator(
       augment: "captions" only, one of AUGMENTATIONS: "none", or "blip2": a random resized crop
         (area >= BLIP2_MIN_SCALE, never cutting an object) then a horizontal flip (p = 0.5) that
         swaps "left" and "right" in the texts.
+      encoder_decoder: for an encoder-decoder LLM ("text" and conversation tasks), the split of
+        each example between encoder and decoder (its batches then hold ENCODER_DECODER_KEYS,
+        "loss_mask" over the decoder's Td positions).
     """
     if task not in TASKS:
         raise ValueError(f"unknown data task {task!r}; tasks: {', '.join(TASKS)}")
@@ -233,6 +241,11 @@ def make_train_iterator(
         steps = []
     for step in steps:
         dataset = dataset.map(step)
+    if encoder_decoder is not None:
+        if task == "captions":
+            raise ValueError("the captions task has no targets to split for an encoder-decoder")
+        # Its own seed offset keeps the split independent of the other per-example draws.
+        dataset = dataset.random_map(encoder_decoder, seed=seed + 3)
     local_batch_size = global_batch_size // process_count
     # Local batch m holds stream elements [m b, (m + 1) b); process i takes m = k P + i.
     dataset = dataset.batch(local_batch_size, drop_remainder=True)

@@ -291,3 +291,94 @@ class SelectKeys(grain.transforms.Map):
 
     def map(self, element: dict) -> dict:
         return {key: element[key] for key in self.keys}
+
+
+PREFIX_SPLITS: tuple[str, ...] = ("none", "random", "half")
+ENCODER_DECODER_KEYS = ("tokens", "mask", "decoder_tokens", "decoder_mask", "loss_mask", "unsplit")
+
+
+class SplitForEncoderDecoder(grain.transforms.RandomMap):
+    """A decoder-only example → an encoder-decoder one (T5; BLIP-2 §3.3's prefix LM).
+
+    Input: "tokens", "mask", "loss_mask" int32[T], right-padded, loss_mask 1 on target tokens.
+    Everything before the first target token (image slots, template, prompt) is the encoder's; the
+    target region (from the first target token to the last real one) is split: with n its tokens
+    not counting a final `eos_id`, the first s go to the encoder too and the rest to the decoder,
+      "none":   s = 0 (the whole target is the decoder's);
+      "random": s ~ U[1, n // 2] (BLIP-2 §3.3: LAVIS never shipped it; issue 6 fixes the range);
+      "half":   s = n // 2 (deterministic, for perplexity);
+    a target with n < 2 under "random"/"half" cannot be split and goes wholly to the decoder,
+    flagged by "unsplit" = 1 (the objective logs the fraction), so no decoder target is empty.
+
+    Output: "tokens", "mask" int32[T] (the encoder's, right-padded), "decoder_tokens",
+    "decoder_mask", "loss_mask" int32[Td] — `decoder_start_id` then the decoder's part, cut at Td
+    as `PadTokens` cuts; loss_mask keeps the input's flags (a later user turn of a multi-turn
+    sample stays context), 0 on the start token — and "unsplit" int32[]; other keys pass through.
+    The draw depends only on (seed, example index), as every RandomMap here.
+    """
+
+    def __init__(
+        self,
+        mode: str,
+        *,
+        decoder_max_len: int,
+        decoder_start_id: int,
+        eos_id: int | None,
+        pad_id: int,
+    ):
+        if mode not in PREFIX_SPLITS:
+            raise ValueError(
+                f"config.data.prefix_split={mode!r} is unknown; known: {', '.join(PREFIX_SPLITS)}"
+            )
+        if decoder_max_len < 2:
+            raise ValueError(
+                f"config.data.decoder_max_len={decoder_max_len} must hold the decoder start "
+                "token and one target (>= 2)"
+            )
+        self.mode = mode
+        self.decoder_max_len = decoder_max_len
+        self.decoder_start_id = decoder_start_id
+        self.eos_id = eos_id
+        self.pad_id = pad_id
+
+    def split_point(self, num_targets: int, rng: np.random.Generator) -> int:
+        """s, the target tokens moved to the encoder (0 when `num_targets` < 2 or mode "none")."""
+        if self.mode == "none" or num_targets < 2:
+            return 0
+        if self.mode == "half":
+            return num_targets // 2
+        return int(rng.integers(1, num_targets // 2 + 1))
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        tokens, mask, loss_mask = (
+            np.asarray(element[key]) for key in ("tokens", "mask", "loss_mask")
+        )
+        length = int(mask.sum())
+        targets = np.flatnonzero(loss_mask[:length])
+        first = int(targets[0]) if len(targets) else length
+        region = length - first
+        ends_with_eos = region > 0 and self.eos_id is not None and tokens[length - 1] == self.eos_id
+        num_targets = region - int(ends_with_eos)
+        split = first + self.split_point(num_targets, rng)
+        encoder_tokens = np.full_like(tokens, self.pad_id)
+        encoder_tokens[:split] = tokens[:split]
+        encoder_mask = np.zeros_like(mask)
+        encoder_mask[:split] = 1
+        kept = min(length - split, self.decoder_max_len - 1)
+        decoder_tokens = np.full(self.decoder_max_len, self.pad_id, np.int32)
+        decoder_tokens[0] = self.decoder_start_id
+        decoder_tokens[1 : 1 + kept] = tokens[split : split + kept]
+        decoder_mask = np.zeros(self.decoder_max_len, np.int32)
+        decoder_mask[: 1 + kept] = 1
+        decoder_loss_mask = np.zeros(self.decoder_max_len, np.int32)
+        decoder_loss_mask[1 : 1 + kept] = loss_mask[split : split + kept]
+        unsplit = self.mode != "none" and region > 0 and num_targets < 2
+        return {
+            **element,
+            "tokens": encoder_tokens.astype(np.int32),
+            "mask": encoder_mask.astype(np.int32),
+            "decoder_tokens": decoder_tokens,
+            "decoder_mask": decoder_mask,
+            "loss_mask": decoder_loss_mask,
+            "unsplit": np.int32(unsplit),
+        }

@@ -81,7 +81,7 @@ def _retrieval(fns, context, fields, batch_size, blind):
 
 
 def _perplexity(fns, context, fields, batch_size, blind):
-    from jaxvlm import data
+    from jaxvlm import data, models
 
     examples = data.eval_texts(
         context.world,
@@ -89,6 +89,9 @@ def _perplexity(fns, context, fields, batch_size, blind):
         context.tokenizer,
         max_text_len=context.config.data.max_text_len,
     )
+    split = models.encoder_decoder_split(context.config, context.tokenizer, mode="half")
+    if split is not None:  # "half" draws nothing: any generator gives the same split
+        examples = examples.map(lambda example: split.random_map(example, None))
     return PerplexityEvaluator(fns, data=examples, batch_size=batch_size)
 
 

@@ -578,6 +578,7 @@ def t5_generate(
     eos_id: int | tuple[int, ...] | None,
     pad_id: int,
     decoder_start_id: int,
+    stop_ids: tuple[int, ...] = (),
     decoding: Decoding | None = None,
     scope: str | None = "llm",
     seed: int = 0,
@@ -595,7 +596,7 @@ def t5_generate(
       tokens: int[B, S] encoder input, padded on either side; or None with `embeddings`
         float[B, S, D] (e.g. BLIP-2's query outputs followed by `T5.embed(text tokens)`).
       mask: int or bool[B, S] — 1 for real encoder tokens. Default: all real.
-      max_new_tokens, eos_id, pad_id, seed, example_indices: as `decoding.generate`.
+      max_new_tokens, eos_id, pad_id, stop_ids, seed, example_indices: as `decoding.generate`.
       decoding: greedy (None, the default), sampling or beam search settings (`Decoding`).
       decoder_start_id: the decoder's first input token.
 
@@ -618,6 +619,7 @@ def t5_generate(
         max_new_tokens=max_new_tokens,
         eos_id=eos_id,
         pad_id=pad_id,
+        stop_ids=stop_ids,
         decoding=Decoding() if decoding is None else decoding,
         seed=seed,
         example_indices=example_indices,
